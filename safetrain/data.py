@@ -1,0 +1,435 @@
+"""Turn what users pass to `fit` into one batched, prefetched `tf.data` pipeline with a fixed element spec.
+
+Arrays (NumPy, tensors, pandas; nested in lists, tuples or dicts) get safetrain's own pipeline: it is the
+same gather-by-index pipeline Keras uses, except that the shuffle order of epoch `e` is a pure function of
+`(seed, e)`, so a run can be re-created exactly (re-hydration, resume). Datasets, generators and
+`keras.utils.PyDataset` go through Keras's own data adapters, so they behave as they do in `model.fit`.
+
+Example:
+    >>> batches = safetrain.data.as_batches(x, y, batch_size=32, shuffle=True, seed=0)
+    >>> batches.num_batches, batches.element_spec
+    (625, (TensorSpec(shape=(None, 32), ...), TensorSpec(shape=(None, 1), ...)))
+    >>> for batch in batches.dataset(epoch=0): ...
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import types
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import backend
+from keras import tree
+from keras.src.trainers.data_adapters import array_slicing
+from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.trainers.data_adapters import get_data_adapter
+from keras.src.trainers.data_adapters.array_data_adapter import can_convert_arrays
+from keras.utils import PyDataset
+from keras.utils import unpack_x_y_sample_weight
+
+__all__ = ["Batches", "as_batches", "relax_spec", "split_validation", "describe_spec"]
+
+_ACCEPTED = ("NumPy arrays or tensors (or lists/tuples/dicts of them), a tf.data.Dataset, "
+             "a Python generator or a keras.utils.PyDataset")
+
+
+def _is_dataset(x) -> bool:
+    return isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset))
+
+
+def _kind(x) -> str:
+    if _is_dataset(x):
+        return "tf.data.Dataset"
+    if isinstance(x, PyDataset):
+        return "keras.utils.PyDataset"
+    if isinstance(x, types.GeneratorType):
+        return "generator"
+    return "arrays"
+
+
+def _relax_leaf(spec):
+    if isinstance(spec, tf.TensorSpec) and spec.shape.rank:
+        return tf.TensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, spec.name)
+    if isinstance(spec, tf.RaggedTensorSpec) and spec.shape.rank:
+        return tf.RaggedTensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, spec.ragged_rank,
+                                   spec.row_splits_dtype)
+    if isinstance(spec, tf.SparseTensorSpec) and spec.shape.rank:
+        return tf.SparseTensorSpec([None] + spec.shape.as_list()[1:], spec.dtype)
+    return spec
+
+
+def relax_spec(spec):
+    """The same element spec with the batch dimension of every component set to `None`.
+
+    Dimensions that already vary (`None`) stay `None`; nothing else is loosened, so a step compiled for
+    the relaxed spec accepts every batch of the dataset, the partial last one included.
+    """
+    return tf.nest.map_structure(_relax_leaf, spec)
+
+
+def describe_spec(spec) -> str:
+    """A short human-readable rendering of an element spec, for error messages."""
+    def one(s):
+        if hasattr(s, "shape") and hasattr(s, "dtype"):
+            return f"{s.dtype.name}{list(s.shape.as_list()) if s.shape.rank is not None else '[?]'}"
+        return type(s).__name__
+    return str(tf.nest.map_structure(one, spec))
+
+
+def _check_batch_size(batch_size, name="batch_size"):
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"`{name}` must be a positive integer or None, got {batch_size!r} "
+                        f"(type {type(batch_size).__name__}).")
+    if batch_size <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {batch_size}.")
+
+
+def _num_samples(tree_of_arrays) -> set[int]:
+    return {int(a.shape[0]) for a in tree.flatten(tree_of_arrays) if a is not None}
+
+
+class Batches:
+    """One source of batches for `fit`, `evaluate` or `predict`: a `tf.data.Dataset` per epoch.
+
+    Attributes:
+        element_spec: the dataset's element spec with every batch dimension set to `None` (what the
+            compiled steps are traced for).
+        num_batches: batches per epoch, or `None` when unknown (generators, unknown-cardinality datasets).
+        kind: "arrays", "tf.data.Dataset", "generator" or "keras.utils.PyDataset".
+    """
+
+    def __init__(self, kind: str, element_spec, num_batches: int | None, adapter=None, dataset=None,
+                 arrays=None, num_samples: int | None = None, batch_size: int | None = None,
+                 shuffle: bool | str = False, seed: int = 0) -> None:
+        self.kind = kind
+        self.element_spec = element_spec
+        self.num_batches = num_batches
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self._adapter = adapter
+        self._dataset = dataset
+        self._arrays = arrays
+        self._data = None
+
+    def dataset(self, epoch: int = 0) -> tf.data.Dataset:
+        """The batches of epoch `epoch` (for arrays, shuffled by `(seed, epoch)`)."""
+        if self._arrays is not None:
+            return self._array_dataset(epoch)
+        return self._dataset
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample order of epoch `epoch` for array inputs: a pure function of `(seed, epoch)`."""
+        n, bs = self.num_samples, self.batch_size
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.shuffle == "batch":
+            # Keras's "batch" shuffle: batches keep their samples, the order inside each batch is shuffled.
+            return np.concatenate([rng.permutation(np.arange(i, min(i + bs, n), dtype=np.int64))
+                                   for i in range(0, n, bs)])
+        return rng.permutation(n).astype(np.int64)
+
+    def _array_dataset(self, epoch: int) -> tf.data.Dataset:
+        n, bs = self.num_samples, self.batch_size
+        order = self.order(epoch)
+        full = (n // bs) * bs
+        index_batches = tf.data.Dataset.from_tensor_slices(order[:full].reshape(-1, bs))
+        if full < n:
+            index_batches = index_batches.concatenate(tf.data.Dataset.from_tensors(order[full:]))
+        if self._data is None:
+            # The arrays enter the pipeline as one dataset element (as in Keras), not as graph constants.
+            self._data = tf.data.Dataset.from_tensors(self._arrays).repeat()
+
+        def grab(indices, data):
+            def one(a):
+                if isinstance(a, array_slicing.TensorflowSparseWrapper):
+                    return array_slicing.slice_tensorflow_sparse_wrapper(a, indices)
+                if isinstance(a, (list, tuple, dict)):
+                    return None
+                if tf.is_tensor(a):
+                    return tf.gather(a, indices, axis=0)
+                return a
+            return tree.traverse(one, data)
+
+        ds = tf.data.Dataset.zip((index_batches, self._data)).map(
+            grab, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        options = tf.data.Options()
+        options.experimental_optimization.apply_default_optimizations = False
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    def on_epoch_begin(self) -> None:
+        if self._adapter is not None:
+            self._adapter.on_epoch_begin()
+
+    def on_epoch_end(self) -> None:
+        if self._adapter is not None:
+            self._adapter.on_epoch_end()
+
+
+def _class_weight_to_sample_weight(y, class_weight: dict) -> np.ndarray:
+    y_np = np.asarray(keras.ops.convert_to_numpy(y))
+    if y_np.ndim > 1:
+        y_np = np.argmax(y_np, axis=-1) if y_np.shape[-1] != 1 else np.squeeze(y_np, axis=-1)
+    classes = np.round(y_np).astype(np.int64)
+    table_size = max(int(classes.max(initial=0)), max(int(k) for k in class_weight)) + 1
+    table = np.ones(table_size, dtype=backend.floatx())
+    for k, v in class_weight.items():
+        table[int(k)] = v
+    return table[classes]
+
+
+def _check_class_weight(class_weight):
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, dict) or not class_weight:
+        raise TypeError(f"`class_weight` must be a non-empty dict mapping class index to weight, "
+                        f"got {class_weight!r}.")
+    for k in class_weight:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"`class_weight` keys must be non-negative class indices, got key {k!r}.")
+
+
+def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, what) -> Batches:
+    if class_weight is not None:
+        if sample_weight is not None:
+            raise ValueError("`class_weight` and `sample_weight` cannot both be given; pass one.")
+        if y is None:
+            raise ValueError("`class_weight` needs targets `y`.")
+        if tree.is_nested(y):
+            raise ValueError("`class_weight` is only supported for models with a single output "
+                             "(`y` is nested); pass `sample_weight` per output instead.")
+    if sample_weight is not None and tree.is_nested(y) and not tree.is_nested(sample_weight):
+        sw = np.asarray(sample_weight)
+        if not (sw.ndim == 1 or (sw.ndim == 2 and sw.shape[1] == 1)):
+            raise ValueError("With several outputs, a single `sample_weight` array must have one weight per "
+                             f"sample (shape (num_samples,)), got shape {sw.shape}.")
+        sample_weight = tree.map_structure(lambda _: sample_weight, y)
+    sizes = {name: _num_samples(v) for name, v in (("x", x), ("y", y), ("sample_weight", sample_weight))
+             if v is not None}
+    all_sizes = set().union(*sizes.values()) if sizes else set()
+    if len(all_sizes) > 1:
+        detail = ", ".join(f"`{k}` has {sorted(v) if len(v) > 1 else next(iter(v))} samples"
+                           for k, v in sizes.items())
+        raise ValueError(f"{what}: inputs must all have the same number of samples, but {detail}.")
+    if not all_sizes:
+        raise ValueError(f"{what}: `x` holds no arrays.")
+    n = all_sizes.pop()
+    if n == 0:
+        raise ValueError(f"{what}: `x` is empty (0 samples); there is nothing to iterate over.")
+    if class_weight is not None:
+        sample_weight = _class_weight_to_sample_weight(y, class_weight)
+    inputs = data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight)
+    if not batch_size:
+        batch_size = int(math.ceil(n / steps)) if steps else 32
+    arrays = tree.lists_to_tuples(array_slicing.convert_to_sliceable(inputs, target_backend="tensorflow"))
+    arrays = tree.traverse(_to_tensor, arrays)
+    spec = tree.traverse(
+        lambda a: None if isinstance(a, (list, tuple, dict)) else _array_spec(a), arrays)
+    if shuffle not in (True, False, "batch"):
+        raise ValueError(f"`shuffle` must be True, False or 'batch', got {shuffle!r}.")
+    return Batches("arrays", relax_spec(spec), int(math.ceil(n / batch_size)), arrays=arrays,
+                   num_samples=n, batch_size=int(batch_size), shuffle=shuffle, seed=seed)
+
+
+def _to_tensor(a):
+    """`tree.traverse` function: leaves become tensors (sparse wrappers kept), containers are entered."""
+    if isinstance(a, (list, tuple, dict)) and not isinstance(a, array_slicing.TensorflowSparseWrapper):
+        return None
+    if a is None or isinstance(a, array_slicing.TensorflowSparseWrapper) or tf.is_tensor(a):
+        return a
+    a = np.asarray(a)
+    return tf.convert_to_tensor(a, dtype=tf.string if a.dtype == object else None)
+
+
+def _array_spec(a):
+    if isinstance(a, array_slicing.TensorflowSparseWrapper):
+        return tf.SparseTensorSpec([None] + a.sparse.shape.as_list()[1:], a.sparse.dtype)
+    if isinstance(a, tf.RaggedTensor):
+        return tf.RaggedTensorSpec.from_value(a)
+    if tf.is_tensor(a):
+        return tf.TensorSpec(a.shape, a.dtype)
+    a = np.asarray(a)
+    return tf.TensorSpec(a.shape, tf.as_dtype(a.dtype) if a.dtype != object else tf.string)
+
+
+def as_batches(x, y=None, sample_weight=None, *, batch_size: int | None = None, shuffle: bool | str = False,
+               class_weight: dict | None = None, steps: int | None = None, seed: int | None = None,
+               what: str = "fit") -> Batches:
+    """Validate one input and return its `Batches`.
+
+    Raises `ValueError`/`TypeError` naming the argument for: an unsupported type, `y` or `sample_weight`
+    or `batch_size` given with a dataset/generator/PyDataset, `batch_size <= 0`, arrays of different
+    lengths, empty data, `class_weight` with `sample_weight`.
+
+    Example:
+        >>> b = as_batches(np.zeros((10, 3)), np.zeros((10, 1)), batch_size=4)
+        >>> b.num_batches
+        3
+    """
+    _check_batch_size(batch_size)
+    _check_class_weight(class_weight)
+    if seed is None:
+        seed = random.randrange(2**31)
+    if x is None:
+        raise ValueError(f"{what}: `x` is required ({_ACCEPTED}).")
+    kind = _kind(x)
+    if kind == "arrays":
+        if not can_convert_arrays((x, y, sample_weight)):
+            bad = [type(a).__name__ for a in tree.flatten((x, y, sample_weight))
+                   if not array_slicing.can_slice_array(a)]
+            raise TypeError(f"{what}: `x` must be {_ACCEPTED}; got unsupported type(s) {sorted(set(bad))}.")
+        return _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, what)
+
+    for name, value in (("y", y), ("sample_weight", sample_weight)):
+        if value is not None:
+            raise ValueError(f"{what}: `{name}` must be None when `x` is a {kind}; the {kind} itself must "
+                             f"yield `(x, y)` or `(x, y, sample_weight)`.")
+    if batch_size is not None:
+        raise ValueError(f"{what}: `batch_size` must be None when `x` is a {kind}: it already yields "
+                         f"batches (got batch_size={batch_size}).")
+    if kind == "generator" and class_weight is not None:
+        raise ValueError(f"{what}: `class_weight` is not supported with a generator; yield sample weights "
+                         "as the third element instead.")
+    if kind == "tf.data.Dataset" and isinstance(x, tf.data.Dataset):
+        card = int(x.cardinality())
+        if card == 0:
+            raise ValueError(f"{what}: the tf.data.Dataset `x` is empty (cardinality 0).")
+    with warnings.catch_warnings():
+        # Keras warns that `shuffle` is ignored for these inputs; that is documented behaviour here.
+        warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+        try:
+            adapter = get_data_adapter(x, class_weight=class_weight, shuffle=shuffle if kind != "generator"
+                                       else False, steps_per_epoch=steps)
+            dataset = adapter.get_tf_dataset()
+        except ValueError as e:
+            raise ValueError(f"{what}: invalid `x` ({kind}): {e}") from e
+    num_batches = adapter.num_batches
+    if num_batches is not None and num_batches < 0:
+        num_batches = None
+    if num_batches == 0:
+        raise ValueError(f"{what}: `x` ({kind}) yields no batches.")
+    return Batches(kind, relax_spec(dataset.element_spec), num_batches, adapter=adapter, dataset=dataset,
+                   seed=seed)
+
+
+def split_validation(x, y, sample_weight, validation_split: float):
+    """Keras's `validation_split`: the last `validation_split` fraction of the arrays becomes validation data.
+
+    Returns `((x, y, sample_weight), (val_x, val_y, val_sample_weight))`.
+    """
+    if isinstance(validation_split, bool) or not isinstance(validation_split, (float, int)) \
+            or not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"`validation_split` must be a float in [0, 1), got {validation_split!r}.")
+    kind = _kind(x)
+    if kind != "arrays":
+        raise ValueError(f"`validation_split` is only supported for array inputs, not for a {kind}; "
+                         "pass `validation_data` instead.")
+    try:
+        train, val = array_slicing.train_validation_split((x, y, sample_weight), validation_split)
+    except ValueError as e:
+        raise ValueError(f"`validation_split={validation_split}`: {e}") from e
+    return train, val
+
+
+def unpack_validation_data(validation_data) -> tuple[Any, Any, Any]:
+    """`validation_data` as `(x, y, sample_weight)`; a dataset, generator or PyDataset stays whole."""
+    if isinstance(validation_data, (list, tuple)):
+        if len(validation_data) not in (1, 2, 3):
+            raise ValueError("`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, val_sample_weight)`, "
+                             f"a dataset, generator or PyDataset; got a sequence of length {len(validation_data)}.")
+        return unpack_x_y_sample_weight(tuple(validation_data))
+    return validation_data, None, None
+
+
+_RAN_OUT = ("Your input ran out of data; interrupting the epoch. Make sure that your dataset or generator "
+            "can generate at least `steps_per_epoch * epochs` batches (e.g. use `.repeat()` on a dataset).")
+
+
+class EpochIterator:
+    """Hands out the `tf.data` iterator of each epoch, with the `steps_per_epoch` semantics of `model.fit`.
+
+    Without `steps_per_epoch` every epoch starts a fresh pass over the data (for arrays: in that epoch's
+    shuffled order) and runs until it ends. With it, epochs draw `steps_per_epoch` batches from one
+    iterator that persists across epochs and is renewed when the data runs out (with a warning when that
+    cuts an epoch short), as Keras does.
+
+    Example:
+        >>> epochs = EpochIterator(batches, steps_per_epoch=None)
+        >>> epochs.start(epoch=0); epochs.remaining()
+        625
+    """
+
+    def __init__(self, batches: Batches, steps_per_epoch: int | None = None,
+                 strategy: tf.distribute.Strategy | None = None) -> None:
+        self.batches = batches
+        self.steps_per_epoch = steps_per_epoch
+        self.num_batches = batches.num_batches
+        self._strategy = strategy
+        self.iterator = None
+        self._seen = 0      # batches drawn from the current iterator
+        self._done = 0      # steps run in the current epoch
+        self._exhausted = False
+        self.element_spec = batches.element_spec
+
+    def _new_iterator(self, epoch: int):
+        ds = self.batches.dataset(epoch)
+        strategy = self._strategy
+        if strategy is not None and strategy.num_replicas_in_sync > 1 and not isinstance(
+                ds, tf.distribute.DistributedDataset):
+            ds = strategy.experimental_distribute_dataset(ds)
+        iterator = iter(ds)
+        if isinstance(ds, tf.distribute.DistributedDataset):
+            self.element_spec = iterator.element_spec  # per-replica values
+        return iterator
+
+    def start(self, epoch: int) -> None:
+        """Begin epoch `epoch`: a fresh iterator unless one persists across epochs (`steps_per_epoch`)."""
+        self.batches.on_epoch_begin()
+        if self.iterator is None or self.steps_per_epoch is None:
+            self.iterator = self._new_iterator(epoch)
+            self._seen = 0
+        self._done = 0
+        self._exhausted = False
+
+    def remaining(self) -> int | None:
+        """Steps still to run this epoch; `None` when unknown (run until the data ends)."""
+        if self._exhausted:
+            return 0
+        limits = []
+        if self.steps_per_epoch is not None:
+            limits.append(self.steps_per_epoch - self._done)
+        if self.num_batches is not None:
+            limits.append(self.num_batches - self._seen)
+        return max(0, min(limits)) if limits else None
+
+    def advance(self, steps_run: int, requested: int) -> None:
+        """Record that a call ran `steps_run` of `requested` steps (fewer means the data ended)."""
+        self._seen += steps_run
+        self._done += steps_run
+        if steps_run < requested:
+            self._exhausted = True
+            if self.num_batches is None and self.steps_per_epoch is None:
+                self.num_batches = self._seen
+
+    @property
+    def steps_done(self) -> int:
+        return self._done
+
+    def finish(self) -> None:
+        """End the epoch: renew the iterator if the data ended, warn if that cut a fixed-length epoch short."""
+        ran_out = self._exhausted or (self.num_batches is not None and self._seen >= self.num_batches)
+        if self.steps_per_epoch is not None and ran_out and self._done < self.steps_per_epoch:
+            warnings.warn(_RAN_OUT, stacklevel=3)
+        if ran_out:
+            self.iterator = None
+        self.batches.on_epoch_end()

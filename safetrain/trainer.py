@@ -1,0 +1,587 @@
+"""`SafeTrainer`: a drop-in replacement for `model.fit` / `evaluate` / `predict` with one compiled step.
+
+    history = SafeTrainer(model).fit(x, y, epochs=10, validation_data=(xv, yv), callbacks=[...])
+
+The loop is short on purpose: read `fit` and you have the whole of it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import random
+import time
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import tree
+from keras.callbacks import CallbackList
+from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+from keras.src.backend.tensorflow.trainer import potentially_ragged_concat
+from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.utils.python_utils import pythonify_logs
+
+from safetrain import data as data_module
+from safetrain import memory
+from safetrain.errors import ConfigurationError
+from safetrain.policies import Policy, PolicyList
+from safetrain.progress import ProgressBar
+from safetrain.steps import ChunkSizer, StepFunctions
+
+__all__ = ["SafeTrainer"]
+
+_BATCH_HOOKS = {
+    "train": ("on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end"),
+    "test": ("on_test_batch_begin", "on_test_batch_end"),
+    "predict": ("on_predict_batch_begin", "on_predict_batch_end"),
+}
+
+
+def _is_default(method) -> bool:
+    return getattr(method, "_is_default", False)
+
+
+def _needs_batch_hooks(callbacks: Iterable[keras.callbacks.Callback], kind: str) -> bool:
+    """True when some callback overrides a per-batch hook of `kind` (then every step is reported)."""
+    for cb in callbacks:
+        if getattr(cb, "chunk_safe", False):
+            continue
+        if any(not _is_default(getattr(cb, hook)) for hook in _BATCH_HOOKS[kind]):
+            return True
+    return False
+
+
+def _reject_unknown(kwargs: Mapping, method: Callable, what: str) -> None:
+    if not kwargs:
+        return
+    known = [p for p in inspect.signature(method).parameters if p not in ("self", "kwargs")]
+    parts = []
+    for k in kwargs:
+        close = difflib.get_close_matches(k, known, n=1)
+        parts.append(f"`{k}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    raise TypeError(f"{what}() got unknown keyword argument(s) {', '.join(parts)}; "
+                    f"accepted: {', '.join(known)}.")
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer{' or None' if allow_none else ''}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def _resolve_verbose(verbose) -> int:
+    if verbose == "auto":
+        return 1
+    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+        raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2, got {verbose!r}.")
+    return int(verbose)
+
+
+def _first_tensor(x):
+    return next(t for t in tree.flatten(x) if t is not None)
+
+
+class SafeTrainer:
+    """Train a Keras model with one compiled step per kind, memory telemetry and policies.
+
+    Args:
+        model: a `keras.Model`, or a zero-argument callable returning one (a factory; re-hydration can
+            then rebuild models whose config does not round-trip).
+        optimizer, loss, metrics: override the model's compiled ones (all three are optional when the
+            model was compiled; an uncompiled model needs at least `optimizer` and `loss` to train).
+        policies: `safetrain.Policy` instances, applied in the order given.
+        strategy: a `tf.distribute.Strategy`; default: the one the model was built under, if any.
+        steps_per_execution: steps per compiled call: an int as in Keras, or "auto" (the default): many
+            steps per call when no callback needs per-batch hooks, one per call otherwise.
+        jit_compile: compile the steps with XLA.
+        memory_logs: add `rss_mb` (and `device_mb`, `device_peak_mb` on GPU) to every epoch's logs, so that
+            History, CSVLogger and TensorBoard record them. `trainer.memory` is kept either way.
+
+    Example:
+        >>> model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        >>> history = SafeTrainer(model).fit(x, y, epochs=5, validation_split=0.2)
+        >>> history.history["rss_mb"]          # resident memory after each epoch
+        >>> trainer.trace_counts               # {'train': 1, 'test': 1, 'predict': 0}
+    """
+
+    def __init__(self, model: keras.Model | Callable[[], keras.Model], *, optimizer=None, loss=None,
+                 metrics=None, policies: Sequence[Policy] = (), strategy: tf.distribute.Strategy | None = None,
+                 steps_per_execution: int | str = "auto", jit_compile: bool = False,
+                 memory_logs: bool = True) -> None:
+        if steps_per_execution != "auto":
+            _check_int("steps_per_execution", steps_per_execution, 1)
+        if not isinstance(jit_compile, bool):
+            raise TypeError(f"`jit_compile` must be a bool, got {jit_compile!r}.")
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {type(strategy).__name__}.")
+        self.policies = PolicyList(policies)
+        self._factory = None
+        if isinstance(model, keras.Model):
+            built = model
+        elif callable(model) and not isinstance(model, keras.layers.Layer):
+            self._factory = model
+            built = self._call_factory(strategy)
+        else:
+            raise TypeError("`model` must be a keras.Model or a zero-argument callable returning one, "
+                            f"got {type(model).__name__}.")
+        self.model: keras.Model = built
+        self.strategy: tf.distribute.Strategy = strategy or built.distribute_strategy
+        self.steps_per_execution = steps_per_execution
+        self.jit_compile = jit_compile
+        self.memory_logs = bool(memory_logs)
+        self._overrides = {"optimizer": optimizer, "loss": loss, "metrics": metrics}
+        self._configure()
+        self.memory = memory.MemoryLog()
+        self.steps = StepFunctions(self, self.strategy, jit_compile)
+        self.data_seed: int | None = None
+
+    # -- model and compile configuration -------------------------------------------------------------
+    def _call_factory(self, strategy=None) -> keras.Model:
+        if strategy is not None:
+            with strategy.scope():
+                built = self._factory()
+        else:
+            built = self._factory()
+        if not isinstance(built, keras.Model):
+            raise TypeError(f"The model factory {getattr(self._factory, '__name__', self._factory)!r} must "
+                            f"return a keras.Model, but returned {type(built).__name__}.")
+        return built
+
+    def _configure(self) -> None:
+        """Compile the model with the trainer's overrides merged over its own compile arguments."""
+        model = self.model
+        o = self._overrides
+        if all(v is None for v in o.values()):
+            return
+        previous = getattr(model, "_compile_config", None)
+        previous = dict(previous.config) if previous is not None and model.compiled else {}
+        optimizer = o["optimizer"] if o["optimizer"] is not None else (
+            model.optimizer if model.compiled else None)
+        if optimizer is None:
+            raise ConfigurationError("SafeTrainer needs an optimizer: the model was not compiled with one "
+                                     "and no `optimizer=` was given.")
+        kwargs = {k: previous[k] for k in ("loss_weights", "weighted_metrics") if previous.get(k) is not None}
+        loss = o["loss"] if o["loss"] is not None else previous.get("loss")
+        metrics = o["metrics"] if o["metrics"] is not None else previous.get("metrics")
+        with self.strategy.scope():
+            model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False, **kwargs)
+
+    def _has_custom(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(SafeTrainer, name) or \
+            getattr(type(self.model), name) is not getattr(TensorFlowTrainer, name)
+
+    def _require_training_config(self, what: str) -> None:
+        model = self.model
+        missing = []
+        if not model.compiled or model.optimizer is None:
+            if what == "fit":
+                missing.append("an optimizer (`optimizer=`)")
+        if what in ("fit", "evaluate") and not self._has_custom("train_step" if what == "fit" else "test_step") \
+                and not self._has_custom("compute_loss") and getattr(model, "_compile_loss", None) is None:
+            missing.append("a loss (`loss=`)")
+        if missing:
+            raise ConfigurationError(f"SafeTrainer.{what}() needs {' and '.join(missing)}: compile the model "
+                                     f"or pass them to SafeTrainer(model, ...).")
+
+    def step_method(self, kind: str) -> Callable:
+        """The Python step to compile for `kind`: the trainer's override, else the model's, else ours."""
+        name = f"{kind}_step"
+        if getattr(type(self), name) is not getattr(SafeTrainer, name):
+            return getattr(self, name)
+        if getattr(type(self.model), name) is not getattr(TensorFlowTrainer, name):
+            return getattr(self.model, name)
+        return getattr(self, name)
+
+    def _build(self, spec, training: bool = True) -> None:
+        """Create every variable eagerly (model, metrics, loss trackers, optimizer) before the first trace.
+
+        An optimizer built inside a trace leaves functions alive after its model is gone. `predict` only
+        needs the model's own variables (its data has no targets to build metrics from).
+        """
+        model = self.model
+        spec = tree.map_structure(lambda s: None if isinstance(s, tf.OptionalSpec) else s, spec)
+        with self.strategy.scope():
+            if training and model.compiled:
+                model._symbolic_build(data_batch=spec)
+                if model.optimizer is not None and not model.optimizer.built:
+                    model.optimizer.build(model.trainable_variables)
+            elif not model.built:
+                x, _, _ = keras.utils.unpack_x_y_sample_weight(spec)
+                symbolic = tree.map_structure(
+                    lambda s: None if s is None else keras.KerasTensor(s.shape, s.dtype.name), x)
+                keras.src.backend.compute_output_spec(model, symbolic, training=False)
+
+    # -- Keras-compatible surface for custom steps (code written for a Model moves over unchanged) ----
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def optimizer(self):
+        return self.model.optimizer
+
+    @property
+    def metrics(self) -> list:
+        return self.model.metrics
+
+    @property
+    def trainable_variables(self) -> list:
+        return self.model.trainable_variables
+
+    @property
+    def trainable_weights(self) -> list:
+        return self.model.trainable_weights
+
+    @property
+    def losses(self) -> list:
+        return self.model.losses
+
+    def get_metrics_result(self) -> dict:
+        return self.model.get_metrics_result()
+
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        """How often each step was traced: `{"train": n, "test": n, "predict": n}`."""
+        return dict(self.steps.trace_counts)
+
+    # -- the overridable steps -------------------------------------------------------------------------
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training: bool = True):
+        """Total loss of a batch (compiled loss + `model.losses`); override for a custom objective."""
+        model = self.model
+        if hasattr(model, "_compute_loss"):
+            return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None) -> dict:
+        """Update the compiled metrics and return every metric's result (`model.compute_metrics`)."""
+        return self.model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _track_loss(self, loss, x) -> None:
+        tracker = getattr(self.model, "_loss_tracker", None)
+        if tracker is not None:
+            tracker.update_state(unscale_loss_for_distribution(loss),
+                                 sample_weight=tf.shape(_first_tensor(x))[0])
+
+    def _forward(self, x, training: bool):
+        model = self.model
+        if getattr(model, "_call_has_training_arg", True):
+            return model(x, training=training)
+        return model(x)
+
+    def train_step(self, data) -> dict:
+        """One optimizer step on one batch; returns the logs. Same computation as Keras's `train_step`."""
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self._forward(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            self._track_loss(loss, x)
+            if model.optimizer is not None:
+                loss = model.optimizer.scale_loss(loss)
+        trainable = model.trainable_weights
+        if trainable:
+            gradients = tape.gradient(loss, trainable)
+            model.optimizer.apply_gradients(zip(gradients, trainable))
+        else:
+            warnings.warn("The model does not have any trainable weights.")
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data) -> dict:
+        """Loss and metrics of one batch, without training."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self._forward(x, training=False)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        self._track_loss(loss, x)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, data):
+        """The model's outputs for one batch."""
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._forward(x, training=False)
+
+    # -- loops ---------------------------------------------------------------------------------------
+    def _batches(self, x, y, sample_weight, *, batch_size, shuffle, class_weight=None, steps=None, what):
+        if self.data_seed is None:
+            # Drawn from Python's RNG, so `keras.utils.set_random_seed` makes the shuffle order reproducible.
+            self.data_seed = random.randrange(2**31)
+        return data_module.as_batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
+                                      class_weight=class_weight, steps=steps, seed=self.data_seed, what=what)
+
+    def _run(self, kind: str, epochs: data_module.EpochIterator, callbacks: CallbackList, hooks: bool,
+             chunks: ChunkSizer, progress: ProgressBar | None, on_output: Callable | None = None):
+        """Run one epoch of `kind` (or one evaluation / prediction pass); returns the last step's logs."""
+        model = self.model
+        begin_hook = getattr(callbacks, f"on_{kind}_batch_begin")
+        end_hook = getattr(callbacks, f"on_{kind}_batch_end")
+        batch_policies = kind == "train" and self.policies.wants_batches
+        logs = None
+        while True:
+            remaining = epochs.remaining()
+            if remaining == 0:
+                break
+            step = epochs.steps_done
+            boundary = self.policies.steps_to_next_batch_hook(self._global_step) if batch_policies else None
+            n = chunks.next(remaining, boundary)
+            if hooks:
+                begin_hook(step)
+            t0 = time.perf_counter()
+            ran, outputs = self.steps.run(kind, epochs.iterator, n, epochs.element_spec)
+            chunks.observe(ran, n, time.perf_counter() - t0)
+            epochs.advance(ran, n)
+            if ran:
+                last = step + ran - 1
+                if kind == "predict":
+                    on_output(outputs)
+                    if hooks:
+                        end_hook(last, {"outputs": outputs})
+                else:
+                    logs = outputs
+                    if hooks:
+                        end_hook(last, logs)
+                if progress is not None:
+                    getattr(progress, f"on_{kind}_batch_end")(last, logs)
+                if kind == "train":
+                    self._global_step += ran
+                    if batch_policies:
+                        self.policies.on_batch_end(self, self._global_step)
+            if ran < n:
+                break
+            if kind == "train" and model.stop_training:
+                break
+            if kind == "test" and getattr(model, "stop_evaluating", False):
+                break
+            if kind == "predict" and getattr(model, "stop_predicting", False):
+                break
+        return logs
+
+    def _metrics_or_logs(self, logs) -> dict:
+        """Epoch logs: the model's metric results when the step returned them (as Keras does), else the
+        last step's logs (custom steps returning other keys)."""
+        metric_logs = self.model.get_metrics_result()
+        if isinstance(logs, dict) and set(logs) == set(metric_logs):
+            return metric_logs
+        return logs if logs is not None else {}
+
+    def fit(self, x=None, y=None, batch_size: int | None = None, epochs: int = 1, verbose: int | str = "auto",
+            callbacks: Sequence[keras.callbacks.Callback] | None = None, validation_split: float = 0.0,
+            validation_data=None, shuffle: bool | str = True, class_weight: dict | None = None,
+            sample_weight=None, initial_epoch: int = 0, steps_per_epoch: int | None = None,
+            validation_steps: int | None = None, validation_batch_size: int | None = None,
+            validation_freq: int | Sequence[int] = 1, **kwargs) -> keras.callbacks.History:
+        """Train for `epochs` epochs, with the arguments and semantics of `keras.Model.fit`.
+
+        Returns the `keras.callbacks.History`; every epoch's logs also carry `rss_mb` (and `device_mb`,
+        `device_peak_mb` on GPU). Bad arguments raise `ValueError`/`TypeError` before any step runs.
+
+        Example:
+            >>> history = SafeTrainer(model).fit(x, y, batch_size=64, epochs=10, validation_split=0.1,
+            ...                                  callbacks=[keras.callbacks.EarlyStopping(patience=2)])
+        """
+        _reject_unknown(kwargs, self.fit, "fit")
+        _check_int("epochs", epochs, 0)
+        _check_int("initial_epoch", initial_epoch, 0)
+        if epochs < initial_epoch:
+            raise ValueError(f"`epochs` ({epochs}) must be >= `initial_epoch` ({initial_epoch}): `epochs` is "
+                             "the index of the last epoch, not a count of epochs to add.")
+        _check_int("steps_per_epoch", steps_per_epoch, 1, allow_none=True)
+        _check_int("validation_steps", validation_steps, 1, allow_none=True)
+        _check_int("validation_batch_size", validation_batch_size, 1, allow_none=True)
+        if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
+            _check_int("validation_freq", validation_freq, 1)
+        elif not (isinstance(validation_freq, (list, tuple)) and all(isinstance(v, int) for v in validation_freq)):
+            raise TypeError(f"`validation_freq` must be an int or a list of epoch numbers, got {validation_freq!r}.")
+        verbose = _resolve_verbose(verbose)
+        self._require_training_config("fit")
+        if validation_split and validation_data is None:
+            (x, y, sample_weight), validation_data = data_module.split_validation(x, y, sample_weight,
+                                                                                 validation_split)
+        train = self._batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
+                              class_weight=class_weight, steps=steps_per_epoch, what="fit")
+        val = None
+        if validation_data is not None:
+            vx, vy, vsw = data_module.unpack_validation_data(validation_data)
+            val = data_module.as_batches(vx, vy, vsw, batch_size=validation_batch_size or (
+                batch_size if data_module._kind(vx) == "arrays" else None), shuffle=False,
+                steps=validation_steps, what="fit (validation_data)")
+        self._build(train.element_spec)
+        return self._fit_loop(train, val, epochs=epochs, initial_epoch=initial_epoch, verbose=verbose,
+                              callbacks=callbacks, steps_per_epoch=steps_per_epoch,
+                              validation_steps=validation_steps, validation_freq=validation_freq)
+
+    def _fit_loop(self, train, val, *, epochs, initial_epoch, verbose, callbacks, steps_per_epoch,
+                  validation_steps, validation_freq) -> keras.callbacks.History:
+        model = self.model
+        train_epochs = data_module.EpochIterator(train, steps_per_epoch, self.strategy)
+        callbacks = CallbackList(callbacks, add_history=True, add_progbar=False, verbose=verbose,
+                                 epochs=epochs, steps=steps_per_epoch or train.num_batches, model=model)
+        progress = self._progress(verbose, callbacks.params)
+        hooks = _needs_batch_hooks(callbacks.callbacks, "train")
+        chunks = ChunkSizer(1 if hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        test_hooks = _needs_batch_hooks(callbacks.callbacks, "test")
+        test_chunks = ChunkSizer(1 if test_hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        self._global_step = getattr(self, "_global_step", 0)
+        model.stop_training = False
+        training_logs = None
+        callbacks.on_train_begin()
+        if progress is not None:
+            progress.on_train_begin()
+        self.policies.on_train_begin(self)
+        try:
+            initial_epoch = model._initial_epoch or initial_epoch
+            for epoch in range(initial_epoch, epochs):
+                self.epoch = epoch
+                model.reset_metrics()
+                callbacks.on_epoch_begin(epoch)
+                if progress is not None:
+                    progress.on_epoch_begin(epoch)
+                self.policies.on_epoch_begin(self, epoch)
+                train_epochs.start(epoch)
+                logs = self._run("train", train_epochs, callbacks, hooks, chunks, progress)
+                steps_done = train_epochs.steps_done
+                train_epochs.finish()
+                if steps_done == 0 and epoch == initial_epoch and train_epochs.num_batches in (None, 0):
+                    raise ValueError("fit: `x` yielded no batches; there is nothing to train on.")
+                epoch_logs = dict(self._metrics_or_logs(logs))
+                if val is not None and self._should_eval(epoch, validation_freq):
+                    val_logs = self._test_pass(val, validation_steps, callbacks, test_hooks, test_chunks, None)
+                    epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                epoch_logs = pythonify_logs(epoch_logs)
+                sample = memory.sample(epoch, self.trace_counts)
+                self.memory.append(sample)
+                if self.memory_logs:
+                    epoch_logs.update(sample.as_logs())
+                callbacks.on_epoch_end(epoch, epoch_logs)
+                if progress is not None:
+                    progress.on_epoch_end(epoch, epoch_logs)
+                self.policies.on_epoch_end(self, epoch, epoch_logs, sample)
+                training_logs = epoch_logs
+                if model.stop_training:
+                    break
+        finally:
+            if progress is not None:
+                progress.on_train_end()
+        if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
+            model.optimizer.finalize_variable_values(model.trainable_weights)
+        self.policies.on_train_end(self)
+        callbacks.on_train_end(logs=training_logs)
+        return model.history
+
+    @staticmethod
+    def _should_eval(epoch: int, validation_freq) -> bool:
+        if isinstance(validation_freq, int):
+            return (epoch + 1) % validation_freq == 0
+        return (epoch + 1) in validation_freq
+
+    def _progress(self, verbose: int, params: Mapping) -> ProgressBar | None:
+        if not verbose:
+            return None
+        bar = ProgressBar(verbose)
+        bar.set_params(dict(params))
+        bar.set_model(self.model)
+        return bar
+
+    def _test_pass(self, batches, steps, callbacks, hooks, chunks, progress) -> dict:
+        model = self.model
+        model.reset_metrics()
+        model.stop_evaluating = False
+        callbacks.on_test_begin()
+        if progress is not None:
+            progress.on_test_begin()
+        epochs = data_module.EpochIterator(batches, steps, self.strategy)
+        epochs.start(0)
+        try:
+            logs = self._run("test", epochs, callbacks, hooks, chunks, progress)
+        finally:
+            epochs.finish()
+        logs = pythonify_logs(self._metrics_or_logs(logs))
+        callbacks.on_test_end(logs)
+        if progress is not None:
+            progress.on_test_end(logs)
+        return logs
+
+    def evaluate(self, x=None, y=None, batch_size: int | None = None, verbose: int | str = "auto",
+                 sample_weight=None, steps: int | None = None, callbacks=None, return_dict: bool = False,
+                 **kwargs):
+        """Loss and metrics on data, with the arguments and return value of `keras.Model.evaluate`.
+
+        Example:
+            >>> loss, mae = trainer.evaluate(x_test, y_test)
+            >>> trainer.evaluate(test_ds, return_dict=True)
+            {'loss': 0.12, 'mae': 0.27}
+        """
+        _reject_unknown(kwargs, self.evaluate, "evaluate")
+        _check_int("steps", steps, 1, allow_none=True)
+        verbose = _resolve_verbose(verbose)
+        self._require_training_config("evaluate")
+        batches = data_module.as_batches(x, y, sample_weight, batch_size=batch_size, shuffle=False,
+                                         steps=steps, what="evaluate")
+        self._build(batches.element_spec)
+        callbacks = CallbackList(callbacks, add_progbar=False, verbose=verbose, epochs=1,
+                                 steps=steps or batches.num_batches, model=self.model)
+        hooks = _needs_batch_hooks(callbacks.callbacks, "test")
+        chunks = ChunkSizer(1 if hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        progress = self._progress(verbose, callbacks.params)
+        logs = self._test_pass(batches, steps, callbacks, hooks, chunks, progress)
+        if return_dict:
+            return logs
+        return self.model._flatten_metrics_in_order(logs)
+
+    def predict(self, x, batch_size: int | None = None, verbose: int | str = "auto", steps: int | None = None,
+                callbacks=None, **kwargs):
+        """The model's outputs on `x` as NumPy arrays (same structure as the model's outputs).
+
+        Outputs are gathered on device per chunk of batches and copied once per chunk, so memory holds
+        the result and no per-batch objects.
+
+        Example:
+            >>> probs = trainer.predict(x_test, batch_size=256)
+        """
+        _reject_unknown(kwargs, self.predict, "predict")
+        _check_int("steps", steps, 1, allow_none=True)
+        verbose = _resolve_verbose(verbose)
+        batches = data_module.as_batches(x, None, None, batch_size=batch_size, shuffle=False, steps=steps,
+                                         what="predict")
+        self._build(batches.element_spec, training=False)
+        callbacks = CallbackList(callbacks, add_progbar=False, verbose=verbose, epochs=1,
+                                 steps=steps or batches.num_batches, model=self.model)
+        hooks = _needs_batch_hooks(callbacks.callbacks, "predict")
+        chunks = ChunkSizer(1 if hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        progress = self._progress(verbose, callbacks.params)
+        pieces: list = []
+
+        def keep(outputs):
+            pieces.append(tree.map_structure(
+                lambda t: t if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) else t.numpy(), outputs))
+
+        self.model.stop_predicting = False
+        callbacks.on_predict_begin()
+        if progress is not None:
+            progress.on_predict_begin()
+        epochs = data_module.EpochIterator(batches, steps, self.strategy)
+        epochs.start(0)
+        try:
+            self._run("predict", epochs, callbacks, hooks, chunks, progress, on_output=keep)
+        finally:
+            epochs.finish()
+        callbacks.on_predict_end()
+        if progress is not None:
+            progress.on_predict_end()
+        if not pieces:
+            raise ValueError("predict: `x` yielded no batches.")
+        return tree.map_structure_up_to(pieces[0], lambda *parts: _concat(list(parts)), *pieces)
+
+
+def _concat(parts: list):
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+            return np.concatenate(parts, axis=0)
+        out = potentially_ragged_concat([tf.convert_to_tensor(p) for p in parts])
+        return out.numpy() if hasattr(out, "numpy") and not isinstance(out, tf.RaggedTensor) else out
+    return potentially_ragged_concat([tf.convert_to_tensor(p) if isinstance(p, np.ndarray) else p for p in parts])

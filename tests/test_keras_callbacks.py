@@ -1,0 +1,61 @@
+"""Keras's own callback test-suites, with `Model.fit` routed through `SafeTrainer(model).fit`.
+
+The yardstick the issue names: every callback behaves as it does under `model.fit`. The fixture counts
+the routed calls, so a test class that silently stopped going through safetrain would fail.
+"""
+
+import keras
+import pytest
+
+from safetrain import SafeTrainer
+
+keras_tests = pytest.importorskip("keras.src.callbacks.early_stopping_test",
+                                  reason="Keras's test modules are not installed with this Keras")
+
+ROUTED = {"fit": 0}
+
+# Tests that fail for a known, tracked reason; strict, so they are noticed the day they pass.
+KNOWN_GAPS = {
+    "test_swap_ema_weights_with_tf_distribute":
+        "MirroredStrategy inputs (per-replica values) are issue #5 (tf.distribute), not done yet",
+}
+
+
+# These suites assert the exact set of logged keys (CSV columns, TensorBoard tags), which the memory
+# telemetry extends by design; for them the routed fit turns the extra keys off so every other assertion
+# still runs. tests/test_callbacks.py checks that the keys do reach CSVLogger and TensorBoard.
+ENUMERATE_EVERY_KEY = {"CSVLoggerTest", "TestTensorBoardV2"}
+
+
+@pytest.fixture(autouse=True)
+def fit_through_safetrainer(monkeypatch, request):
+    memory_logs = request.cls is None or request.cls.__name__ not in ENUMERATE_EVERY_KEY
+
+    def fit(self, *args, **kwargs):
+        ROUTED["fit"] += 1
+        # What a user switching over writes: keep the model's XLA setting (Keras tests compile with it).
+        trainer = SafeTrainer(self, jit_compile=bool(self.jit_compile), memory_logs=memory_logs)
+        return trainer.fit(*args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    yield
+
+
+import importlib  # noqa: E402
+import unittest  # noqa: E402
+
+SUITES = ["backup_and_restore_test", "callback_test", "csv_logger_test", "early_stopping_test",
+          "lambda_callback_test", "learning_rate_scheduler_test", "model_checkpoint_test",
+          "monitor_callback_test", "reduce_lr_on_plateau_test", "swap_ema_weights_test", "tensorboard_test",
+          "terminate_on_nan_test"]
+for _name in SUITES:
+    _module = importlib.import_module(f"keras.src.callbacks.{_name}")
+    for _attr, _value in vars(_module).items():
+        if isinstance(_value, type) and issubclass(_value, unittest.TestCase) and _value.__module__ == _module.__name__:
+            globals()[f"Keras_{_attr}"] = _value
+del _name, _module, _attr, _value
+
+
+def test_zz_the_keras_suites_went_through_safetrainer():
+    # Runs after the imported suites in this module (pytest keeps definition order per module).
+    assert ROUTED["fit"] > 20

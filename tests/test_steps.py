@@ -1,0 +1,138 @@
+"""Compiled steps: one trace per step kind, many steps per call, retraces visible."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from conftest import make_mlp, regression_data
+
+from safetrain import SafeTrainer
+from safetrain.steps import ChunkSizer
+
+
+def test_partial_last_batch_traces_each_step_once():
+    x, y = regression_data(n=107)  # 107 = 6 * 16 + 11
+    trainer = SafeTrainer(make_mlp())
+    trainer.fit(x, y, batch_size=16, epochs=3, validation_data=(x[:37], y[:37]), verbose=0)
+    trainer.predict(x[:23], batch_size=16, verbose=0)
+    assert trainer.trace_counts == {"train": 1, "test": 1, "predict": 1}
+
+
+def sequence_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, 4)), keras.layers.Conv1D(8, 3, padding="same"),
+                              keras.layers.LSTM(8), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def test_variable_length_sequences_trace_the_train_step_once():
+    rng = np.random.default_rng(0)
+
+    def sequences():
+        for length in range(5, 45):  # 40 different shapes
+            yield rng.standard_normal((4, length, 4)).astype("float32"), rng.standard_normal((4, 1)).astype("float32")
+
+    trainer = SafeTrainer(sequence_model())
+    trainer.fit(sequences(), epochs=1, verbose=0)
+    assert int(trainer.model.optimizer.iterations) == 40
+    assert trainer.trace_counts["train"] == 1
+    spec = trainer.steps.signatures["train"][0]
+    assert spec[0].shape.as_list() == [None, None, 4]
+
+
+def test_padded_tf_data_batches_trace_once():
+    lengths = list(range(3, 30))
+    ds = tf.data.Dataset.from_generator(
+        lambda: ((np.ones((n, 4), "float32"), np.ones((1,), "float32")) for n in lengths),
+        output_signature=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([1], tf.float32)))
+    trainer = SafeTrainer(sequence_model())
+    trainer.fit(ds.padded_batch(5), epochs=2, verbose=0)
+    assert trainer.trace_counts["train"] == 1
+
+
+def test_repeated_fit_evaluate_predict_calls_do_not_retrace():
+    x, y = regression_data(n=64)
+    trainer = SafeTrainer(make_mlp())
+    for n in (64, 40, 17):
+        trainer.fit(x[:n], y[:n], batch_size=8, epochs=1, verbose=0)
+        trainer.evaluate(x[:n], y[:n], verbose=0)
+        trainer.predict(x[:n], verbose=0)
+    assert trainer.trace_counts == {"train": 1, "test": 1, "predict": 1}
+
+
+def test_a_new_input_signature_is_a_counted_retrace_with_both_signatures():
+    x, y = regression_data(n=32)
+    trainer = SafeTrainer(make_mlp())
+    events = []
+    trainer.steps.listeners.append(events.append)
+    trainer.evaluate(x, y, verbose=0)
+    wide = tf.data.Dataset.from_tensor_slices((x.astype("float64"), y)).batch(8)
+    trainer.evaluate(wide, verbose=0)
+    assert trainer.trace_counts["test"] == 2
+    assert [e.kind for e in events] == ["test", "test"]
+    assert events[1].old_spec[0].dtype == tf.float32 and events[1].new_spec[0].dtype == tf.float64
+
+
+def test_auto_runs_many_steps_per_call_without_batch_hooks():
+    x, y = regression_data(n=640)
+    trainer = SafeTrainer(make_mlp())
+    calls = []
+    run = trainer.steps.run
+    trainer.steps.run = lambda kind, it, n, spec=None: calls.append(n) or run(kind, it, n, spec)
+    trainer.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert int(trainer.model.optimizer.iterations) == 320
+    assert len(calls) < 320 / 4 and max(calls) > 8
+
+
+class BatchRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches.append((batch, logs["loss"]))
+
+
+def test_a_callback_with_batch_hooks_sees_every_batch_with_its_logs():
+    x, y = regression_data(n=50)
+    recorder = BatchRecorder()
+    SafeTrainer(make_mlp()).fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[recorder])
+    assert [b for b, _ in recorder.batches] == list(range(7)) * 2
+    assert all(isinstance(loss, float) for _, loss in recorder.batches)
+
+
+def test_integer_steps_per_execution_reports_batches_per_call_like_keras():
+    x, y = regression_data(n=50)
+    recorder = BatchRecorder()
+    SafeTrainer(make_mlp(), steps_per_execution=3).fit(x, y, batch_size=8, epochs=1, verbose=0,
+                                                         callbacks=[recorder])
+    assert [b for b, _ in recorder.batches] == [2, 5, 6]
+
+
+class OptimizerStateAtTrace(SafeTrainer):
+    def train_step(self, data):
+        self.optimizer_built_at_trace = self.optimizer.built
+        self.variables_at_trace = len(self.optimizer.variables)
+        return super().train_step(data)
+
+
+def test_optimizer_is_built_eagerly_before_the_first_trace():
+    x, y = regression_data(n=16)
+    trainer = OptimizerStateAtTrace(make_mlp())
+    trainer.fit(x, y, epochs=1, verbose=0)
+    assert trainer.optimizer_built_at_trace is True
+    assert trainer.variables_at_trace == len(trainer.optimizer.variables)
+
+
+def test_chunk_sizer_grows_to_the_target_time_and_respects_caps():
+    sizer = ChunkSizer("auto", target_seconds=0.25, start=8)
+    assert sizer.next(None) == 8
+    sizer.observe(8, 8, 5.0)  # first call traces: ignored
+    assert sizer.size == 8
+    sizer.observe(8, 8, 0.008)  # 1000 steps/s -> ~250 steps per call
+    assert sizer.size == 128
+    assert sizer.next(remaining=30) == 30
+    assert sizer.next(remaining=None, boundary=5) == 5
+    fixed = ChunkSizer(10)
+    fixed.observe(10, 10, 0.001)
+    assert fixed.next(None) == 10
