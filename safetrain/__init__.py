@@ -1,7 +1,7 @@
 """safetrain: a drop-in, memory-safe training loop for Keras 3 on TensorFlow.
 
-    from safetrain import SafeTrainer
-    history = SafeTrainer(model).fit(x, y, epochs=10, validation_data=(xv, yv))
+    from safetrain import SafeTrainer, ClearSession
+    history = SafeTrainer(model, policies=[ClearSession(every_n_epochs=5)]).fit(x, y, epochs=50)
 """
 
 from __future__ import annotations
@@ -10,10 +10,24 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from safetrain import hooks  # noqa: E402
 from safetrain.errors import ConfigurationError, SafetrainError  # noqa: E402
 from safetrain.memory import MemoryLog, MemoryMonitor, MemorySample  # noqa: E402
-from safetrain.policies import Policy  # noqa: E402
+from safetrain.policies import (  # noqa: E402
+    ClearSession,
+    GarbageCollect,
+    LeakDetector,
+    LeakWarning,
+    MemoryBudget,
+    MemoryBudgetExceeded,
+    Policy,
+    ResetStates,
+    RetraceError,
+    RetraceGuard,
+    TrimMalloc,
+)
 from safetrain.progress import ProgressBar  # noqa: E402
+from safetrain.snapshot import Snapshot, SnapshotMismatch  # noqa: E402
 from safetrain.trainer import SafeTrainer  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,11 +35,24 @@ __version__ = "0.1.0"
 __all__ = [
     "SafeTrainer",
     "Policy",
+    "ResetStates",
+    "ClearSession",
+    "GarbageCollect",
+    "TrimMalloc",
+    "MemoryBudget",
+    "RetraceGuard",
+    "LeakDetector",
+    "Snapshot",
+    "hooks",
     "MemoryLog",
     "MemoryMonitor",
     "MemorySample",
     "ProgressBar",
     "SafetrainError",
     "ConfigurationError",
+    "MemoryBudgetExceeded",
+    "RetraceError",
+    "SnapshotMismatch",
+    "LeakWarning",
     "__version__",
 ]

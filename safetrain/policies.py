@@ -14,11 +14,48 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import collections
+import ctypes
+import ctypes.util
+import gc
+import sys
+import warnings
+from typing import Iterable
 
 from safetrain import memory
+from safetrain.errors import SafetrainError
 
-__all__ = ["Policy", "PolicyList"]
+__all__ = ["Policy", "PolicyList", "ResetStates", "ClearSession", "GarbageCollect", "TrimMalloc", "MemoryBudget",
+           "RetraceGuard", "LeakDetector", "MemoryBudgetExceeded", "RetraceError", "LeakWarning", "trim_malloc"]
+
+
+class MemoryBudgetExceeded(SafetrainError, ValueError):
+    """Resident memory went over a `MemoryBudget(action="raise")`; `.memory` holds the series so far."""
+
+    def __init__(self, message: str, memory_log: "memory.MemoryLog", sample: "memory.MemorySample") -> None:
+        super().__init__(message)
+        self.memory = memory_log
+        self.sample = sample
+
+
+class RetraceError(SafetrainError, ValueError):
+    """A step was traced more often than a `RetraceGuard` allows; the message names both signatures."""
+
+
+class LeakWarning(UserWarning):
+    """`LeakDetector` found memory growing epoch after epoch; the message holds the diagnosis."""
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return value
+
+
+def _choice(name: str, value, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}.")
+    return value
 
 
 class Policy:
@@ -101,3 +138,307 @@ class PolicyList:
     def on_train_end(self, trainer) -> None:
         for p in self.policies:
             p.on_train_end(trainer)
+
+
+# -- built-in policies: each decides when, in a few lines; the trainer does the work -------------------
+
+class ResetStates(Policy):
+    """Reset every stateful layer (stateful RNNs and layers with a `reset_state` hook).
+
+    Args:
+        every: "epoch" (before each epoch), "batch" (after every step) or an int (after every that many
+            training steps).
+
+    Example:
+        >>> SafeTrainer(stateful_lstm, policies=[ResetStates("epoch")]).fit(x, y, shuffle=False)
+    """
+
+    def __init__(self, every: str | int = "epoch") -> None:
+        if every == "batch":
+            self.every_n_batches = 1
+        elif isinstance(every, int) and not isinstance(every, bool):
+            self.every_n_batches = _positive_int("every", every)
+        elif every != "epoch":
+            raise ValueError(f"`every` must be 'epoch', 'batch' or a positive int, got {every!r}.")
+        self.every = every
+
+    def on_epoch_begin(self, trainer, epoch):
+        if self.every == "epoch":
+            trainer.reset_states()
+
+    def on_batch_end(self, trainer, step, sample):
+        trainer.reset_states()
+
+
+class ClearSession(Policy):
+    """Re-hydrate every `every_n_epochs` epochs: clear the Keras session and continue exactly.
+
+    The model must rebuild from its config, or the trainer must have a factory; that is checked before the
+    first epoch.
+
+    Example:
+        >>> SafeTrainer(build_model, policies=[ClearSession(every_n_epochs=5)]).fit(x, y, epochs=50)
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+
+    def on_train_begin(self, trainer):
+        trainer.check_rehydratable()
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        last = epoch + 1 >= getattr(trainer, "epochs_target", 0) or trainer.model.stop_training
+        if (epoch + 1) % self.every_n_epochs == 0 and not last:
+            trainer.rehydrate()
+
+
+class GarbageCollect(Policy):
+    """Run Python's cyclic garbage collector every `every_n_epochs` epochs."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+        self.collected = 0
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if (epoch + 1) % self.every_n_epochs == 0:
+            self.collected += gc.collect()
+
+
+_LIBC = None
+_TRIM_WARNED = False
+
+
+def trim_malloc() -> bool:
+    """Return freed heap memory to the OS with glibc's `malloc_trim(0)`; False (and one warning) elsewhere."""
+    global _LIBC, _TRIM_WARNED
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        if not _TRIM_WARNED:
+            _TRIM_WARNED = True
+            warnings.warn(f"TrimMalloc: malloc_trim is only available with glibc; it does nothing on "
+                          f"{sys.platform}.", RuntimeWarning, stacklevel=3)
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+class TrimMalloc(Policy):
+    """Hand freed heap pages back to the OS (`malloc_trim(0)`, glibc) every `every_n_epochs` epochs."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = _positive_int("every_n_epochs", every_n_epochs)
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if (epoch + 1) % self.every_n_epochs == 0:
+            trim_malloc()
+
+
+class MemoryBudget(Policy):
+    """Act when resident memory exceeds `max_rss_mb`, checked after each epoch and every `check_every` steps.
+
+    Args:
+        max_rss_mb: the budget, in MiB of resident memory.
+        action: "rehydrate" (clear the session and continue exactly), "stop" (end training cleanly after
+            the current step, History intact) or "raise" (`MemoryBudgetExceeded`, carrying the series).
+        check_every: also check every this many training steps (None: only at epoch end).
+
+    Example:
+        >>> SafeTrainer(model, policies=[MemoryBudget(4000, action="stop", check_every=100)])
+    """
+
+    def __init__(self, max_rss_mb: float, action: str = "rehydrate", check_every: int | None = None) -> None:
+        if isinstance(max_rss_mb, bool) or not isinstance(max_rss_mb, (int, float)) or max_rss_mb <= 0:
+            raise ValueError(f"`max_rss_mb` must be a positive number, got {max_rss_mb!r}.")
+        self.max_rss_mb = float(max_rss_mb)
+        self.action = _choice("action", action, ("rehydrate", "stop", "raise"))
+        self.every_n_batches = None if check_every is None else _positive_int("check_every", check_every)
+        self.events: list[tuple[str, int | None, float]] = []
+
+    def on_train_begin(self, trainer):
+        if self.action == "rehydrate":
+            trainer.check_rehydratable()
+
+    def _check(self, trainer, sample, where: str, step: int | None) -> None:
+        if sample.rss_mb <= self.max_rss_mb:
+            return
+        self.events.append((where, step, sample.rss_mb))
+        if self.action == "rehydrate":
+            trainer.rehydrate()
+        elif self.action == "stop":
+            trainer.model.stop_training = True
+        else:
+            raise MemoryBudgetExceeded(
+                f"Resident memory {sample.rss_mb:.1f} MiB exceeds the budget of {self.max_rss_mb:.1f} MiB "
+                f"({where}{'' if step is None else f' {step}'}, epoch {sample.epoch}).", trainer.memory, sample)
+
+    def on_batch_end(self, trainer, step, sample):
+        self._check(trainer, sample, "step", step)
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        self._check(trainer, sample, "end of epoch", epoch)
+
+
+class RetraceGuard(Policy):
+    """Make a retrace visible: a step traced more than `max_traces` times raises (or warns).
+
+    The error names the step and shows the signature it was compiled for and the one that forced the
+    retrace. Counts start again after re-hydration (which compiles new functions on purpose).
+
+    Example:
+        >>> SafeTrainer(model, policies=[RetraceGuard(max_traces=1)])
+    """
+
+    def __init__(self, max_traces: int = 1, action: str = "raise") -> None:
+        self.max_traces = _positive_int("max_traces", max_traces)
+        self.action = _choice("action", action, ("raise", "warn"))
+        self.events: list = []
+        self._trainer = None
+
+    def on_train_begin(self, trainer):
+        if self._trainer is not trainer:
+            trainer.steps.listeners.append(self._on_trace)
+            self._trainer = trainer
+
+    def _on_trace(self, event) -> None:
+        if event.count <= self.max_traces:
+            return
+        from safetrain.data import describe_spec
+
+        self.events.append(event)
+        message = (f"The {event.kind} step was traced {event.count} times (RetraceGuard allows {self.max_traces}). "
+                   f"It was compiled for {describe_spec(event.old_spec)} and now received "
+                   f"{describe_spec(event.new_spec)}. Give the data one dtype and structure (dimensions "
+                   "that vary must be None in the dataset's element_spec).")
+        if self.action == "raise":
+            raise RetraceError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def object_stats() -> dict[str, tuple[int, int]]:
+    """Live Python objects by type: `{type name: (count, bytes)}`.
+
+    `gc.get_objects()` only lists containers; objects without references (bytes, bytearray, NumPy
+    buffers) are found one level down, as referents of those containers.
+    """
+    seen: set[int] = set()
+    stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+
+    def add(o) -> None:
+        if id(o) in seen:
+            return
+        seen.add(id(o))
+        entry = stats[type(o).__name__]
+        entry[0] += 1
+        try:
+            entry[1] += sys.getsizeof(o)
+        except TypeError:
+            pass
+
+    for o in gc.get_objects():
+        add(o)
+        for r in gc.get_referents(o):
+            if not gc.is_tracked(r):
+                add(r)
+    return {k: (v[0], v[1]) for k, v in stats.items()}
+
+
+def _live_models() -> int:
+    import keras
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, keras.Model))
+
+
+class LeakDetector(Policy):
+    """Warn once, with a diagnosis, when RSS grows faster than `threshold_mb_per_epoch` over `window` epochs.
+
+    The diagnosis (also in `detector.report`) gives the trace counts, the Python object types that grew
+    most (by bytes) since the first epoch, the growth in live Keras models and TensorFlow function graphs,
+    and the policy that would help. With `rehydrate=True` it also re-hydrates whenever it fires. It takes a
+    census of live objects after the first epoch and again when it fires (about a second each); the
+    slope is fitted from the second epoch on.
+
+    Example:
+        >>> detector = LeakDetector(window=10, threshold_mb_per_epoch=1.0)
+        >>> SafeTrainer(model, policies=[detector]).fit(x, y, epochs=50)
+        >>> detector.report["suggestion"]
+    """
+
+    def __init__(self, window: int = 10, threshold_mb_per_epoch: float = 1.0, rehydrate: bool = False) -> None:
+        self.window = _positive_int("window", window)
+        if self.window < 3:
+            raise ValueError(f"`window` must be at least 3 epochs to fit a slope, got {window}.")
+        if isinstance(threshold_mb_per_epoch, bool) or not isinstance(threshold_mb_per_epoch, (int, float)):
+            raise TypeError(f"`threshold_mb_per_epoch` must be a number, got {threshold_mb_per_epoch!r}.")
+        self.threshold_mb_per_epoch = float(threshold_mb_per_epoch)
+        self.rehydrate = bool(rehydrate)
+        self.report: dict | None = None
+        self._baseline: dict | None = None
+        self._start: int | None = None
+
+    def on_train_begin(self, trainer):
+        if self._start is None:
+            # Slopes start after the first epoch: its sample holds tracing, warm-up and the object census.
+            self._start = len(trainer.memory) + 1
+        if self.rehydrate:
+            trainer.check_rehydratable()
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if self._baseline is None:
+            # After the first epoch: tracing and warm-up are done, what grows from here on is the leak.
+            self._baseline = dict(objects=object_stats(), models=_live_models(), epoch=epoch,
+                                  rss_mb=sample.rss_mb)
+        series = trainer.memory.series("rss_mb")[self._start or 0:]
+        if len(series) < self.window:
+            return
+        growth = memory.slope(series[-self.window:])
+        if growth <= self.threshold_mb_per_epoch:
+            return
+        if self.report is None:
+            self.report = self.diagnose(trainer, growth, sample)
+            warnings.warn(self.report["text"], LeakWarning, stacklevel=2)
+        if self.rehydrate:
+            trainer.rehydrate()
+
+    def diagnose(self, trainer, growth: float, sample) -> dict:
+        """What is growing and what would help; the same text the warning shows."""
+        base = self._baseline
+        now = object_stats()
+        grew = sorted(((k, n - base["objects"].get(k, (0, 0))[0], b - base["objects"].get(k, (0, 0))[1])
+                       for k, (n, b) in now.items()), key=lambda t: -t[2])
+        grew = [g for g in grew if g[2] > 0][:8]
+        object_mb = sum(g[2] for g in grew) / 2**20
+        rss_mb = sample.rss_mb - base["rss_mb"]
+        models = _live_models() - base["models"]
+        graphs = now.get("FuncGraph", (0, 0))[0] - base["objects"].get("FuncGraph", (0, 0))[0]
+        traces = dict(trainer.steps.total_trace_counts)
+        stateful = any(getattr(layer, "stateful", False) for layer in trainer.model._flatten_layers())
+        resets = any(isinstance(p, ResetStates) for p in trainer.policies)
+        if any(n > 1 for n in trainer.steps.trace_counts.values()):
+            suggestion = ("RetraceGuard(max_traces=1): steps are being traced again; give the data one dtype and "
+                          "make dimensions that vary None")
+        elif models > 0:
+            suggestion = (f"ClearSession(every_n_epochs=...), and build models with a factory: {models} more "
+                          "Keras models are alive than after the first epoch")
+        elif stateful and not resets:
+            suggestion = "ResetStates('epoch'): the model has stateful layers that are never reset"
+        elif grew and object_mb >= 0.5 * max(rss_mb, 1e-9):
+            suggestion = (f"something accumulates Python objects ({grew[0][0]}: +{grew[0][1]} objects, "
+                          f"+{grew[0][2] / 2**20:.1f} MiB); look at callbacks and custom layers that keep "
+                          "per-batch results (give layers a release_memory hook)")
+        else:
+            suggestion = ("TrimMalloc() or GarbageCollect(): no live objects account for the growth, so the "
+                          "allocator is keeping freed memory; memory only a new process returns needs a fresh "
+                          "process per run")
+        top = ", ".join(f"{k} +{n} ({b / 2**20:.1f} MiB)" for k, n, b in grew[:5]) or "none"
+        text = (f"RSS grows {growth:.2f} MiB/epoch over the last {self.window} epochs (threshold "
+                f"{self.threshold_mb_per_epoch:.2f}); +{rss_mb:.1f} MiB since epoch {base['epoch'] + 1}, of which "
+                f"live Python objects account for {object_mb:.1f} MiB. Traces: {traces}. Keras models alive: "
+                f"{models:+d}, function graphs: {graphs:+d} since epoch {base['epoch'] + 1}. Grew most: {top}. "
+                f"Suggested: {suggestion}.")
+        return dict(slope_mb_per_epoch=growth, traces=traces, grew=grew, object_mb=object_mb, rss_mb=rss_mb,
+                    live_models=models, func_graphs=graphs, suggestion=suggestion, text=text)

@@ -28,9 +28,23 @@ import tensorflow as tf
 from keras import tree
 from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
-__all__ = ["StepFunctions", "KINDS", "TraceEvent"]
+__all__ = ["StepFunctions", "KINDS", "TraceEvent", "gradient_registry"]
 
 KINDS = ("train", "test", "predict")
+_CUSTOM_GRADIENT_PREFIX = "CustomGradient-"
+
+
+def gradient_registry() -> dict | None:
+    """TensorFlow's global gradient registry (name -> gradient function), or None if TF moved it.
+
+    In graph mode every `tf.custom_gradient` call (Keras's optimizer uses one to sum gradients across
+    replicas) registers a gradient function under a fresh name, and that function's closure holds the
+    traced graph. Nothing ever removes those entries, so each traced train step stays alive forever.
+    """
+    from tensorflow.python.framework import ops
+
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    return registry if isinstance(registry, dict) else None
 
 
 class TraceEvent:
@@ -88,6 +102,19 @@ def _zeros(spec):
     return tf.zeros(shape, spec.dtype)
 
 
+def _function(fn, **kwargs):
+    """`tf.function(fn, **kwargs)` without TensorFlow's "frequent retracing" warning.
+
+    That heuristic counts traces per code object across *all* instances, so every new trainer in a k-fold
+    loop looks like a retrace of the previous one's function. Real retraces are counted per trainer in
+    `trace_counts` (and enforced by `RetraceGuard`).
+    """
+    function = tf.function(fn, **kwargs)
+    if hasattr(function, "_omit_frequent_tracing_warning"):
+        function._omit_frequent_tracing_warning = True
+    return function
+
+
 def _output_specs(concrete):
     return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), concrete.structured_outputs)
 
@@ -112,16 +139,36 @@ class StepFunctions:
         self._loops: dict[str, tf.types.experimental.GenericFunction] = {}
         self._n_cache: dict[int, tf.Tensor] = {}
         self._lock = threading.Lock()
+        self.total_trace_counts: dict[str, int] = {k: 0 for k in KINDS}
+        self.released_gradient_entries = 0
 
     # -- building -------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every compiled function; the next call traces again (counted)."""
+        """Forget every compiled function (an explicit rebuild, e.g. after re-hydration).
+
+        `trace_counts` and `signatures` start again for the new functions; `total_trace_counts` keeps
+        counting over the trainer's life.
+        """
         self._steps.clear()
         self._loops.clear()
+        self.trace_counts = {k: 0 for k in KINDS}
+        self.loop_trace_counts = {k: 0 for k in KINDS}
+        self.signatures = {k: [] for k in KINDS}
+
+    def _release_gradient_entries(self, before: set | None) -> None:
+        # Gradients inside the step are taken during its own trace (by the tape), so the entries its
+        # trace registered are not needed afterwards; dropping them lets the graph go with the model.
+        registry = gradient_registry()
+        if registry is None or before is None:
+            return
+        for name in [k for k in registry if k not in before and str(k).startswith(_CUSTOM_GRADIENT_PREFIX)]:
+            registry.pop(name, None)
+            self.released_gradient_entries += 1
 
     def _record_trace(self, kind: str, spec) -> None:
         with self._lock:
             self.trace_counts[kind] += 1
+            self.total_trace_counts[kind] += 1
             old = self.signatures[kind][-1] if self.signatures[kind] else None
             self.signatures[kind].append(spec)
             event = TraceEvent(kind, self.trace_counts[kind], old, spec)
@@ -135,16 +182,21 @@ class StepFunctions:
 
         def one_step(data):
             self._record_trace(kind, spec)  # Python side effect: runs once per trace, never per step
-            outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
-            return reduce_per_replica(outputs, strategy, reduction=reduction)
+            registry = gradient_registry()
+            before = set(registry) if registry is not None else None
+            try:
+                outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
+                return reduce_per_replica(outputs, strategy, reduction=reduction)
+            finally:
+                self._release_gradient_entries(before)
 
         one_step.__name__ = f"safetrain_{kind}_step"
         if all(isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
                for s in tf.nest.flatten(spec)):
-            return tf.function(one_step, input_signature=[spec], jit_compile=self.jit_compile,
-                               autograph=False, reduce_retracing=False)
+            return _function(one_step, input_signature=[spec], jit_compile=self.jit_compile,
+                             autograph=False, reduce_retracing=False)
         # Distributed values (one tensor per replica) have no relaxable input signature; relax on retrace.
-        return tf.function(one_step, jit_compile=self.jit_compile, autograph=False, reduce_retracing=True)
+        return _function(one_step, jit_compile=self.jit_compile, autograph=False, reduce_retracing=True)
 
     def step_function(self, kind: str, spec):
         """The compiled step for `kind` that accepts batches of `spec`, building or widening it if needed."""
@@ -184,7 +236,7 @@ class StepFunctions:
             return i, outputs
 
         loop.__name__ = f"safetrain_{kind}_loop"
-        return tf.function(loop, autograph=False, reduce_retracing=True)
+        return _function(loop, autograph=False, reduce_retracing=True)
 
     def _make_predict_loop(self, step, spec):
         def loop(iterator, n):
@@ -212,7 +264,7 @@ class StepFunctions:
             return i, outputs
 
         loop.__name__ = "safetrain_predict_loop"
-        return tf.function(loop, autograph=False, reduce_retracing=True)
+        return _function(loop, autograph=False, reduce_retracing=True)
 
     # -- running --------------------------------------------------------------------------------------
     def _n(self, n: int) -> tf.Tensor:

@@ -8,6 +8,7 @@ The loop is short on purpose: read `fit` and you have the whole of it.
 from __future__ import annotations
 
 import difflib
+import gc
 import inspect
 import random
 import time
@@ -25,10 +26,12 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.utils.python_utils import pythonify_logs
 
 from safetrain import data as data_module
+from safetrain import hooks
 from safetrain import memory
 from safetrain.errors import ConfigurationError
 from safetrain.policies import Policy, PolicyList
 from safetrain.progress import ProgressBar
+from safetrain.snapshot import Snapshot, check_rebuildable
 from safetrain.steps import ChunkSizer, StepFunctions
 
 __all__ = ["SafeTrainer"]
@@ -83,6 +86,30 @@ def _resolve_verbose(verbose) -> int:
     return int(verbose)
 
 
+_TRAINERS_STARTED = 0
+
+
+def _release_previous_models() -> None:
+    """Free what models trained earlier in this process left behind, when a new trainer starts.
+
+    Two things outlive a model trained in a loop (k-fold, hyperparameter search), measured per small model:
+    - the model itself, for a while: Keras models are reference cycles, and with TensorFlow's ~300k
+      long-lived objects Python's full collection runs rarely (7.8 MiB per fold in examples/kfold_loop.py
+      without it). A full `gc.collect()` costs about 0.13 s, once per trainer after the first;
+    - TensorFlow's eager kernel cache entries (about 0.7 MiB): they are keyed on op attributes that include
+      each model's unique variable names. `clear_session` clears that cache too; it is only a cache.
+    """
+    global _TRAINERS_STARTED
+    _TRAINERS_STARTED += 1
+    if _TRAINERS_STARTED > 1:
+        gc.collect()
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    if hasattr(ctx, "clear_kernel_cache"):
+        ctx.clear_kernel_cache()
+
+
 def _first_tensor(x):
     return next(t for t in tree.flatten(x) if t is not None)
 
@@ -102,6 +129,8 @@ class SafeTrainer:
         jit_compile: compile the steps with XLA.
         memory_logs: add `rss_mb` (and `device_mb`, `device_peak_mb` on GPU) to every epoch's logs, so that
             History, CSVLogger and TensorBoard record them. `trainer.memory` is kept either way.
+        custom_objects: classes and functions re-hydration needs to rebuild the model from its config (as
+            for `keras.models.load_model`); the classes of the model's own layers are found automatically.
 
     Example:
         >>> model.compile(optimizer="adam", loss="mse", metrics=["mae"])
@@ -113,7 +142,7 @@ class SafeTrainer:
     def __init__(self, model: keras.Model | Callable[[], keras.Model], *, optimizer=None, loss=None,
                  metrics=None, policies: Sequence[Policy] = (), strategy: tf.distribute.Strategy | None = None,
                  steps_per_execution: int | str = "auto", jit_compile: bool = False,
-                 memory_logs: bool = True) -> None:
+                 memory_logs: bool = True, custom_objects: Mapping[str, Any] | None = None) -> None:
         if steps_per_execution != "auto":
             _check_int("steps_per_execution", steps_per_execution, 1)
         if not isinstance(jit_compile, bool):
@@ -121,6 +150,7 @@ class SafeTrainer:
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {type(strategy).__name__}.")
         self.policies = PolicyList(policies)
+        _release_previous_models()
         self._factory = None
         if isinstance(model, keras.Model):
             built = model
@@ -137,9 +167,18 @@ class SafeTrainer:
         self.memory_logs = bool(memory_logs)
         self._overrides = {"optimizer": optimizer, "loss": loss, "metrics": metrics}
         self._configure()
+        self.custom_objects = dict(custom_objects or {})
         self.memory = memory.MemoryLog()
         self.steps = StepFunctions(self, self.strategy, jit_compile)
         self.data_seed: int | None = None
+        self.epoch = 0
+        self.rehydrations = 0
+        self.last_rehydration_seconds: float | None = None
+        self._global_step = 0
+        self._train_spec = None
+        self._callbacks: CallbackList | None = None
+        self._progress_bar: ProgressBar | None = None
+        self._rebuildable_checked = False
 
     # -- model and compile configuration -------------------------------------------------------------
     def _call_factory(self, strategy=None) -> keras.Model:
@@ -249,6 +288,61 @@ class SafeTrainer:
         """How often each step was traced: `{"train": n, "test": n, "predict": n}`."""
         return dict(self.steps.trace_counts)
 
+    # -- actions policies ask for ---------------------------------------------------------------------
+    def _counters(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "global_step": self._global_step, "data_seed": self.data_seed}
+
+    def _set_counters(self, counters: Mapping[str, Any]) -> None:
+        self.epoch = counters["epoch"]
+        self._global_step = counters["global_step"]
+        self.data_seed = counters["data_seed"]
+
+    def check_rehydratable(self) -> None:
+        """Raise `ConfigurationError` now (before training) if `rehydrate()` could not rebuild the model."""
+        if not self._rebuildable_checked:
+            check_rebuildable(self)
+            self._rebuildable_checked = True
+
+    def rehydrate(self) -> Snapshot:
+        """Clear the Keras session without losing the run: snapshot, clear, rebuild, restore, recompile.
+
+        Every model, optimizer and metric variable, Keras's global seed state and the trainer's counters
+        come back, so training continues exactly as if nothing happened; callbacks are re-pointed to the
+        new model (EarlyStopping, ModelCheckpoint, ... keep their own state). Layers' `release_memory`
+        hooks run before the session is cleared and `after_rehydrate` hooks after the restore.
+
+        Example:
+            >>> trainer.fit(x, y, epochs=3)
+            >>> trainer.rehydrate()     # trainer.model is a new object in exactly the same state
+            >>> trainer.fit(x, y, epochs=6, initial_epoch=3)
+        """
+        self.check_rehydratable()
+        t0 = time.perf_counter()
+        snapshot = Snapshot.take(self)
+        hooks.release_memory(self.model)
+        stop_training = bool(getattr(self.model, "stop_training", False))
+        self.steps.reset()
+        self.model = None
+        keras.backend.clear_session()
+        model = snapshot.restore(self)
+        model.stop_training = stop_training
+        if self._callbacks is not None:
+            self._callbacks.set_model(model)
+        if self._progress_bar is not None:
+            self._progress_bar.set_model(model)
+        gc.collect()  # the old model is unreachable only now that callbacks point at the new one
+        self.rehydrations += 1
+        self.last_rehydration_seconds = time.perf_counter() - t0
+        return snapshot
+
+    def reset_states(self) -> int:
+        """Reset every stateful layer (stateful RNNs, layers with a `reset_state` hook); returns how many."""
+        return hooks.reset_states(self.model)
+
+    def release_memory(self) -> int:
+        """Ask every layer with a `release_memory` hook to drop its caches; returns how many were asked."""
+        return hooks.release_memory(self.model)
+
     # -- the overridable steps -------------------------------------------------------------------------
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training: bool = True):
         """Total loss of a batch (compiled loss + `model.losses`); override for a custom objective."""
@@ -312,10 +406,12 @@ class SafeTrainer:
         return data_module.as_batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
                                       class_weight=class_weight, steps=steps, seed=self.data_seed, what=what)
 
-    def _run(self, kind: str, epochs: data_module.EpochIterator, callbacks: CallbackList, hooks: bool,
+    def _run(self, kind: str, epochs: data_module.EpochIterator, callbacks: CallbackList, batch_hooks: bool,
              chunks: ChunkSizer, progress: ProgressBar | None, on_output: Callable | None = None):
-        """Run one epoch of `kind` (or one evaluation / prediction pass); returns the last step's logs."""
-        model = self.model
+        """Run one epoch of `kind` (or one evaluation / prediction pass); returns the last step's logs.
+
+        `self.model` is read afresh after every call: a policy may have re-hydrated it.
+        """
         begin_hook = getattr(callbacks, f"on_{kind}_batch_begin")
         end_hook = getattr(callbacks, f"on_{kind}_batch_end")
         batch_policies = kind == "train" and self.policies.wants_batches
@@ -327,7 +423,7 @@ class SafeTrainer:
             step = epochs.steps_done
             boundary = self.policies.steps_to_next_batch_hook(self._global_step) if batch_policies else None
             n = chunks.next(remaining, boundary)
-            if hooks:
+            if batch_hooks:
                 begin_hook(step)
             t0 = time.perf_counter()
             ran, outputs = self.steps.run(kind, epochs.iterator, n, epochs.element_spec)
@@ -337,11 +433,11 @@ class SafeTrainer:
                 last = step + ran - 1
                 if kind == "predict":
                     on_output(outputs)
-                    if hooks:
+                    if batch_hooks:
                         end_hook(last, {"outputs": outputs})
                 else:
                     logs = outputs
-                    if hooks:
+                    if batch_hooks:
                         end_hook(last, logs)
                 if progress is not None:
                     getattr(progress, f"on_{kind}_batch_end")(last, logs)
@@ -351,11 +447,11 @@ class SafeTrainer:
                         self.policies.on_batch_end(self, self._global_step)
             if ran < n:
                 break
-            if kind == "train" and model.stop_training:
+            if kind == "train" and self.model.stop_training:
                 break
-            if kind == "test" and getattr(model, "stop_evaluating", False):
+            if kind == "test" and getattr(self.model, "stop_evaluating", False):
                 break
-            if kind == "predict" and getattr(model, "stop_predicting", False):
+            if kind == "predict" and getattr(self.model, "stop_predicting", False):
                 break
         return logs
 
@@ -409,39 +505,40 @@ class SafeTrainer:
                 batch_size if data_module._kind(vx) == "arrays" else None), shuffle=False,
                 steps=validation_steps, what="fit (validation_data)")
         self._build(train.element_spec)
+        self._train_spec = train.element_spec
         return self._fit_loop(train, val, epochs=epochs, initial_epoch=initial_epoch, verbose=verbose,
                               callbacks=callbacks, steps_per_epoch=steps_per_epoch,
                               validation_steps=validation_steps, validation_freq=validation_freq)
 
     def _fit_loop(self, train, val, *, epochs, initial_epoch, verbose, callbacks, steps_per_epoch,
                   validation_steps, validation_freq) -> keras.callbacks.History:
-        model = self.model
         train_epochs = data_module.EpochIterator(train, steps_per_epoch, self.strategy)
         callbacks = CallbackList(callbacks, add_history=True, add_progbar=False, verbose=verbose,
-                                 epochs=epochs, steps=steps_per_epoch or train.num_batches, model=model)
+                                 epochs=epochs, steps=steps_per_epoch or train.num_batches, model=self.model)
         progress = self._progress(verbose, callbacks.params)
-        hooks = _needs_batch_hooks(callbacks.callbacks, "train")
-        chunks = ChunkSizer(1 if hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        hooks_needed = _needs_batch_hooks(callbacks.callbacks, "train")
+        chunks = self._chunk_sizer(hooks_needed)
         test_hooks = _needs_batch_hooks(callbacks.callbacks, "test")
-        test_chunks = ChunkSizer(1 if test_hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
-        self._global_step = getattr(self, "_global_step", 0)
-        model.stop_training = False
+        test_chunks = self._chunk_sizer(test_hooks)
+        self.model.stop_training = False
+        self.epochs_target = epochs
+        self._callbacks, self._progress_bar = callbacks, progress
         training_logs = None
-        callbacks.on_train_begin()
-        if progress is not None:
-            progress.on_train_begin()
-        self.policies.on_train_begin(self)
         try:
-            initial_epoch = model._initial_epoch or initial_epoch
+            callbacks.on_train_begin()
+            if progress is not None:
+                progress.on_train_begin()
+            self.policies.on_train_begin(self)
+            initial_epoch = self.model._initial_epoch or initial_epoch
             for epoch in range(initial_epoch, epochs):
                 self.epoch = epoch
-                model.reset_metrics()
+                self.model.reset_metrics()
                 callbacks.on_epoch_begin(epoch)
                 if progress is not None:
                     progress.on_epoch_begin(epoch)
                 self.policies.on_epoch_begin(self, epoch)
                 train_epochs.start(epoch)
-                logs = self._run("train", train_epochs, callbacks, hooks, chunks, progress)
+                logs = self._run("train", train_epochs, callbacks, hooks_needed, chunks, progress)
                 steps_done = train_epochs.steps_done
                 train_epochs.finish()
                 if steps_done == 0 and epoch == initial_epoch and train_epochs.num_batches in (None, 0):
@@ -458,18 +555,23 @@ class SafeTrainer:
                 callbacks.on_epoch_end(epoch, epoch_logs)
                 if progress is not None:
                     progress.on_epoch_end(epoch, epoch_logs)
+                self.epoch = epoch + 1  # a snapshot taken now resumes at the next epoch
                 self.policies.on_epoch_end(self, epoch, epoch_logs, sample)
                 training_logs = epoch_logs
-                if model.stop_training:
+                if self.model.stop_training:
                     break
+            if isinstance(self.model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
+                self.model.optimizer.finalize_variable_values(self.model.trainable_weights)
+            self.policies.on_train_end(self)
+            callbacks.on_train_end(logs=training_logs)
         finally:
             if progress is not None:
                 progress.on_train_end()
-        if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
-            model.optimizer.finalize_variable_values(model.trainable_weights)
-        self.policies.on_train_end(self)
-        callbacks.on_train_end(logs=training_logs)
-        return model.history
+            self._callbacks = self._progress_bar = None
+        return self.model.history
+
+    def _chunk_sizer(self, hooks_needed: bool) -> ChunkSizer:
+        return ChunkSizer(1 if hooks_needed and self.steps_per_execution == "auto" else self.steps_per_execution)
 
     @staticmethod
     def _should_eval(epoch: int, validation_freq) -> bool:
@@ -485,17 +587,16 @@ class SafeTrainer:
         bar.set_model(self.model)
         return bar
 
-    def _test_pass(self, batches, steps, callbacks, hooks, chunks, progress) -> dict:
-        model = self.model
-        model.reset_metrics()
-        model.stop_evaluating = False
+    def _test_pass(self, batches, steps, callbacks, batch_hooks, chunks, progress) -> dict:
+        self.model.reset_metrics()
+        self.model.stop_evaluating = False
         callbacks.on_test_begin()
         if progress is not None:
             progress.on_test_begin()
         epochs = data_module.EpochIterator(batches, steps, self.strategy)
         epochs.start(0)
         try:
-            logs = self._run("test", epochs, callbacks, hooks, chunks, progress)
+            logs = self._run("test", epochs, callbacks, batch_hooks, chunks, progress)
         finally:
             epochs.finish()
         logs = pythonify_logs(self._metrics_or_logs(logs))
@@ -523,10 +624,10 @@ class SafeTrainer:
         self._build(batches.element_spec)
         callbacks = CallbackList(callbacks, add_progbar=False, verbose=verbose, epochs=1,
                                  steps=steps or batches.num_batches, model=self.model)
-        hooks = _needs_batch_hooks(callbacks.callbacks, "test")
-        chunks = ChunkSizer(1 if hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        batch_hooks = _needs_batch_hooks(callbacks.callbacks, "test")
+        chunks = self._chunk_sizer(batch_hooks)
         progress = self._progress(verbose, callbacks.params)
-        logs = self._test_pass(batches, steps, callbacks, hooks, chunks, progress)
+        logs = self._test_pass(batches, steps, callbacks, batch_hooks, chunks, progress)
         if return_dict:
             return logs
         return self.model._flatten_metrics_in_order(logs)
@@ -549,8 +650,8 @@ class SafeTrainer:
         self._build(batches.element_spec, training=False)
         callbacks = CallbackList(callbacks, add_progbar=False, verbose=verbose, epochs=1,
                                  steps=steps or batches.num_batches, model=self.model)
-        hooks = _needs_batch_hooks(callbacks.callbacks, "predict")
-        chunks = ChunkSizer(1 if hooks and self.steps_per_execution == "auto" else self.steps_per_execution)
+        batch_hooks = _needs_batch_hooks(callbacks.callbacks, "predict")
+        chunks = self._chunk_sizer(batch_hooks)
         progress = self._progress(verbose, callbacks.params)
         pieces: list = []
 
@@ -565,7 +666,7 @@ class SafeTrainer:
         epochs = data_module.EpochIterator(batches, steps, self.strategy)
         epochs.start(0)
         try:
-            self._run("predict", epochs, callbacks, hooks, chunks, progress, on_output=keep)
+            self._run("predict", epochs, callbacks, batch_hooks, chunks, progress, on_output=keep)
         finally:
             epochs.finish()
         callbacks.on_predict_end()

@@ -11,6 +11,9 @@ EXAMPLES = sorted((pathlib.Path(__file__).parent.parent / "examples").glob("*.py
 EXPECTED = {
     "quickstart.py": "trace counts: {'train': 1, 'test': 1, 'predict': 0}",
     "custom_train_step.py": "train step traced 1 time(s)",
+    "custom_layer_hooks.py": "re-hydrations: 2",
+    "kfold_loop.py": "mean accuracy",
+    "stateful_rnn.py": "train step traced 1 time",
 }
 
 

@@ -1,0 +1,200 @@
+"""Re-hydration: capture everything training depends on, clear the session, rebuild, restore exactly.
+
+A `Snapshot` is structure plus state. Structure: the model's Keras config (or the factory the trainer was
+given) and how it was compiled. State: every model variable (weights, non-trainable variables and the
+seed-generator states that make Dropout reproducible), every optimizer variable (iterations, learning
+rate, slots), every metric variable, Keras's global seed-generator state, and the trainer's counters and
+data-shuffling seed. Restoring all of it makes a run that was re-hydrated bit-identical to one that was
+not; restoring only weights (or a `.keras` round trip, which drops seed state) does not.
+
+Example:
+    >>> snap = Snapshot.take(trainer)
+    >>> keras.backend.clear_session()
+    >>> snap.restore(trainer)          # trainer.model is a new model in exactly the old state
+    >>> trainer.rehydrate()            # the same three steps, plus callbacks re-pointed and caches released
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from safetrain import hooks
+from safetrain.errors import ConfigurationError, SafetrainError
+
+__all__ = ["Snapshot", "SnapshotMismatch", "check_rebuildable"]
+
+_GLOBAL_SEED_GENERATOR = "global_seed_generator"
+
+
+class SnapshotMismatch(SafetrainError, ValueError):
+    """The rebuilt model's variables do not line up with the snapshot (another model, another config)."""
+
+
+def _global_state():
+    from keras.src.backend.common import global_state
+    return global_state
+
+
+def _class_objects(model: keras.Model) -> dict[str, type]:
+    """Every class used by the model's layers, by name: custom layers rebuild without registration."""
+    objects: dict[str, type] = {}
+    for layer in hooks.layers_of(model):
+        cls = type(layer)
+        if cls.__module__.split(".")[0] != "keras":
+            objects[cls.__name__] = cls
+    return objects
+
+
+def check_rebuildable(trainer) -> None:
+    """Raise a clear `ConfigurationError` now if re-hydration could not rebuild the trainer's model later."""
+    if trainer._factory is not None:
+        return
+    model = trainer.model
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        objects = dict(_class_objects(model), **(trainer.custom_objects or {}))
+        with keras.saving.custom_object_scope(objects):
+            probe = keras.saving.deserialize_keras_object(
+                {k: v for k, v in config.items() if k not in ("compile_config", "build_config")})
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot round-trip"; say so with the cause
+        cause = " ".join(line.strip() for line in str(e).strip().splitlines()[:4] if line.strip())
+        raise ConfigurationError(
+            f"Re-hydration cannot rebuild {type(model).__name__} from its config ({type(e).__name__}: {cause}). "
+            "Give SafeTrainer a factory instead, e.g. SafeTrainer(lambda: build_model()), or implement "
+            "get_config()/from_config() on the model (the full cause is chained below).") from e
+    del probe
+
+
+def _recipe(obj) -> Callable[[], Any]:
+    """How to make a fresh copy of a compile argument (optimizer, loss, metric) later, sharing no state.
+
+    Only the class and config are kept, so a snapshot never holds the old model's optimizer or metrics.
+    """
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return lambda: obj
+    if isinstance(obj, (list, tuple)):
+        parts = [_recipe(o) for o in obj]
+        kind = type(obj)
+        return lambda: kind(p() for p in parts)
+    if isinstance(obj, dict):
+        parts = {k: _recipe(v) for k, v in obj.items()}
+        return lambda: {k: p() for k, p in parts.items()}
+    if hasattr(obj, "get_config") and hasattr(type(obj), "from_config"):
+        try:
+            cls, config = type(obj), obj.get_config()
+            cls.from_config(config)  # fails now, not after the session is gone
+            return lambda: cls.from_config(config)
+        except Exception:  # noqa: BLE001 - fall back to Keras's serializer
+            pass
+    try:
+        serialized = keras.saving.serialize_keras_object(obj)
+        keras.saving.deserialize_keras_object(serialized)
+        return lambda: keras.saving.deserialize_keras_object(serialized)
+    except Exception:  # noqa: BLE001
+        return lambda: obj  # a plain function: stateless, safe to share
+
+
+def _values(variables) -> list[np.ndarray]:
+    return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+def _assign(what: str, variables, values: list[np.ndarray]) -> None:
+    if len(variables) != len(values):
+        raise SnapshotMismatch(f"{what}: the rebuilt model has {len(variables)} variables, the snapshot "
+                               f"{len(values)}; was the model or its compile configuration changed?")
+    for i, (var, value) in enumerate(zip(variables, values)):
+        if tuple(var.shape) != value.shape:
+            raise SnapshotMismatch(f"{what}[{i}] ({getattr(var, 'path', var.name)}): shape {tuple(var.shape)} in "
+                                   f"the rebuilt model, {value.shape} in the snapshot.")
+        var.assign(value)
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Structure + state of a trainer's model, enough to rebuild it exactly after `clear_session`."""
+
+    structure: dict | None
+    factory: Callable[[], keras.Model] | None
+    compile_args: dict[str, Callable[[], Any]]
+    element_spec: Any
+    model_values: list[np.ndarray]
+    optimizer_values: list[np.ndarray]
+    metric_values: list[np.ndarray]
+    global_seed: np.ndarray | None
+    counters: dict[str, Any]
+    custom_objects: dict[str, Any]
+
+    @classmethod
+    def take(cls, trainer) -> "Snapshot":
+        """Capture the trainer's model, optimizer, metrics, RNG state and counters (copies, not references)."""
+        model = trainer.model
+        if not model.built:
+            raise ConfigurationError("Snapshot.take: the model is not built yet; train or build it first.")
+        structure = None
+        if trainer._factory is None:
+            structure = keras.saving.serialize_keras_object(model)
+            structure = {k: v for k, v in structure.items() if k != "compile_config"}
+        compile_args = {}
+        if model.compiled:
+            config = dict(model._compile_config.config)
+            compile_args = {k: _recipe(config.get(k)) for k in ("loss", "loss_weights", "metrics", "weighted_metrics")}
+            compile_args["optimizer"] = _recipe(model.optimizer)
+        generator = _global_state().get_global_attribute(_GLOBAL_SEED_GENERATOR)
+        optimizer = model.optimizer if model.compiled else None
+        return cls(
+            structure=structure,
+            factory=trainer._factory,
+            compile_args=compile_args,
+            element_spec=trainer._train_spec,
+            model_values=_values(model.variables),
+            optimizer_values=_values(optimizer.variables) if optimizer is not None and optimizer.built else [],
+            metric_values=_values(model.metrics_variables),
+            global_seed=None if generator is None else np.array(generator.state.numpy(), copy=True),
+            counters=trainer._counters(),
+            custom_objects=dict(_class_objects(model), **(trainer.custom_objects or {})),
+        )
+
+    def _rebuild_model(self, strategy) -> keras.Model:
+        with strategy.scope():
+            if self.factory is not None:
+                model = self.factory()
+                if not isinstance(model, keras.Model):
+                    raise TypeError(f"The model factory must return a keras.Model, got {type(model).__name__}.")
+                return model
+            with keras.saving.custom_object_scope(self.custom_objects):
+                return keras.saving.deserialize_keras_object(self.structure)
+
+    def restore(self, trainer) -> keras.Model:
+        """Rebuild the model into `trainer` and put every captured value back; returns the new model."""
+        strategy = trainer.strategy
+        model = self._rebuild_model(strategy)
+        if self.compile_args:
+            args = {k: make() for k, make in self.compile_args.items()}
+            with strategy.scope():
+                model.compile(**args, jit_compile=False)
+        trainer.model = model
+        if self.element_spec is not None:
+            trainer._build(self.element_spec)
+        elif not model.built:
+            raise ConfigurationError("Snapshot.restore: no input spec recorded and the rebuilt model is not built.")
+        _assign("model.variables", model.variables, self.model_values)
+        if self.optimizer_values:
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            _assign("optimizer.variables", model.optimizer.variables, self.optimizer_values)
+        _assign("model.metrics_variables", model.metrics_variables, self.metric_values)
+        if self.global_seed is not None:
+            from keras.src.random.seed_generator import global_seed_generator
+            global_seed_generator().state.assign(self.global_seed)
+        trainer._set_counters(self.counters)
+        hooks.after_rehydrate(model, self)
+        return model
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of captured variable values."""
+        return sum(v.nbytes for v in self.model_values + self.optimizer_values + self.metric_values)
