@@ -132,17 +132,19 @@ def run_variant(name, x, y, build, epochs, spe):
 
 
 VARIANTS = ["fit", "safe", "fit_spe", "safe_spe", "safe_verbose1", "floor"]
+RATIOS = [("safe", "fit"), ("safe_spe", "fit_spe"), ("safe", "floor"), ("safe_verbose1", "safe")]
 
 
-def measure(problem, reps, epochs, spe, samples=None):
+def measure(problem, reps, epochs, spe, samples=None, variants=None):
     make, default_n = PROBLEMS[problem]
     x, y, build = make(samples or default_n)
     steps = int(np.ceil(len(x) / BATCH))
-    runs = {v: [] for v in VARIANTS}
+    chosen = variants or VARIANTS
+    runs = {v: [] for v in chosen}
     for rep in range(reps):
         # Interleaved, and rotated each rep: drift on the machine, and whatever the previous run leaves
         # behind (a run right after model.fit measured slower), hit every variant alike.
-        order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
+        order = chosen[rep % len(chosen):] + chosen[:rep % len(chosen)]
         for v in order:
             times = run_variant(v, x, y, build, epochs, spe)
             runs[v].append(steps / statistics.median(times[1:]))
@@ -151,12 +153,7 @@ def measure(problem, reps, epochs, spe, samples=None):
             time.sleep(0.5)  # let the previous run's tf.data threads wind down
             print(f"  {problem} rep {rep + 1}/{reps} {v:14s} {runs[v][-1]:8.1f} steps/s", file=sys.stderr, flush=True)
     med = {v: statistics.median(r) for v, r in runs.items()}
-    ratios = {
-        "safe/fit": med["safe"] / med["fit"],
-        "safe_spe/fit_spe": med["safe_spe"] / med["fit_spe"],
-        "safe/floor": med["safe"] / med["floor"],
-        "safe_verbose1/safe": med["safe_verbose1"] / med["safe"],
-    }
+    ratios = {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS if a in med and b in med}
     return dict(problem=problem, samples=len(x), steps_per_epoch=steps, runs=runs, median=med, ratios=ratios)
 
 
@@ -165,9 +162,10 @@ COMMON_TARGETS = {"safe_spe/fit_spe": 1.0, "safe/floor": 0.9, "safe_verbose1/saf
 
 
 def table(results, spe):
-    lines = [f"| problem | {' | '.join(VARIANTS)} |", "|---" * (len(VARIANTS) + 1) + "|"]
+    shown = [v for v in VARIANTS if v in results[0]["median"]]
+    lines = [f"| problem | {' | '.join(shown)} |", "|---" * (len(shown) + 1) + "|"]
     for r in results:
-        lines.append(f"| {r['problem']} steps/s | " + " | ".join(f"{r['median'][v]:.0f}" for v in VARIANTS) + " |")
+        lines.append(f"| {r['problem']} steps/s | " + " | ".join(f"{r['median'][v]:.0f}" for v in shown) + " |")
     lines.append("")
     lines.append("| problem | ratio | measured | target | met |")
     lines.append("|---|---|---|---|---|")
@@ -175,9 +173,9 @@ def table(results, spe):
         targets = dict(COMMON_TARGETS, **TARGETS.get(r["problem"], {}))
         for k, v in r["ratios"].items():
             t = targets.get(k)
-            lines.append(f"| {r['problem']} | {k} | {v:.2f} | >= {t} | {'yes' if v >= t else 'NO'} |")
+            lines.append(f"| {r['problem']} | {k} | {v:.3f} | >= {t} | {'yes' if v >= t else 'NO'} |")
     lines.append("")
-    lines.append(f"(batch {BATCH}, steps_per_execution N={spe} for *_spe, medians of {len(results[0]['runs']['fit'])} "
+    lines.append(f"(batch {BATCH}, steps_per_execution N={spe} for *_spe, medians of {len(results[0]['runs'][shown[0]])} "
                  f"runs; TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores, "
                  f"{platform.processor() or platform.machine()})")
     return "\n".join(lines)
@@ -190,9 +188,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--spe", type=int, default=10, help="steps_per_execution for the *_spe variants")
     p.add_argument("--samples", type=int, default=None, help="override the data size (smoke tests)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list, for a focused A/B run (default: all of {','.join(VARIANTS)})")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
-    results = [measure(prob, a.reps, a.epochs, a.spe, a.samples) for prob in a.problems.split(",")]
+    variants = a.variants.split(",") if a.variants else None
+    results = [measure(prob, a.reps, a.epochs, a.spe, a.samples, variants) for prob in a.problems.split(",")]
     print(table(results, a.spe))
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

@@ -42,7 +42,8 @@ def _is_dataset(x) -> bool:
     return isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset))
 
 
-def _kind(x) -> str:
+def kind_of(x) -> str:
+    """"arrays", "tf.data.Dataset", "keras.utils.PyDataset" or "generator": how `x` will be read."""
     if _is_dataset(x):
         return "tf.data.Dataset"
     if isinstance(x, PyDataset):
@@ -282,7 +283,7 @@ def as_batches(x, y=None, sample_weight=None, *, batch_size: int | None = None, 
         seed = random.randrange(2**31)
     if x is None:
         raise ValueError(f"{what}: `x` is required ({_ACCEPTED}).")
-    kind = _kind(x)
+    kind = kind_of(x)
     if kind == "arrays":
         if not can_convert_arrays((x, y, sample_weight)):
             bad = [type(a).__name__ for a in tree.flatten((x, y, sample_weight))
@@ -330,7 +331,7 @@ def split_validation(x, y, sample_weight, validation_split: float):
     if isinstance(validation_split, bool) or not isinstance(validation_split, (float, int)) \
             or not 0.0 <= validation_split < 1.0:
         raise ValueError(f"`validation_split` must be a float in [0, 1), got {validation_split!r}.")
-    kind = _kind(x)
+    kind = kind_of(x)
     if kind != "arrays":
         raise ValueError(f"`validation_split` is only supported for array inputs, not for a {kind}; "
                          "pass `validation_data` instead.")

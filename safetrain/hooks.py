@@ -71,46 +71,35 @@ def _is_stateful_rnn(layer) -> bool:
     return bool(getattr(layer, "stateful", False)) and hasattr(layer, "reset_state")
 
 
-def reset_states(model: keras.layers.Layer) -> int:
-    """Reset every stateful layer of `model` (stateful RNNs and layers with a reset hook); returns how many."""
+def _dispatch(model: keras.layers.Layer, role: str, method: str, *args, also=None) -> int:
+    """Call the `role` hook of every layer that has one (registered function first, else the layer's own
+    `method`, else `also(layer)` if given and true); returns how many layers were called."""
     count = 0
     for layer in layers_of(model):
-        fn = _registered(layer, "reset")
+        fn = _registered(layer, role)
         if fn is not None:
-            fn(layer)
-            count += 1
-        elif layer is not model and (_is_stateful_rnn(layer) or _defines(layer, "reset_state")):
-            layer.reset_state()
-            count += 1
+            fn(layer, *args)
+        elif _defines(layer, method) or (also is not None and also(layer)):
+            getattr(layer, method)(*args)
+        else:
+            continue
+        count += 1
     return count
+
+
+def reset_states(model: keras.layers.Layer) -> int:
+    """Reset every stateful layer of `model` (stateful RNNs and layers with a reset hook); returns how many."""
+    return _dispatch(model, "reset", "reset_state", also=_is_stateful_rnn)
 
 
 def release_memory(model: keras.layers.Layer) -> int:
     """Ask every layer of `model` with a release hook to drop its caches; returns how many were asked."""
-    count = 0
-    for layer in layers_of(model):
-        fn = _registered(layer, "release")
-        if fn is not None:
-            fn(layer)
-            count += 1
-        elif _defines(layer, "release_memory"):
-            layer.release_memory()
-            count += 1
-    return count
+    return _dispatch(model, "release", "release_memory")
 
 
 def after_rehydrate(model: keras.layers.Layer, snapshot) -> int:
     """Call every `after_rehydrate` hook of the rebuilt `model`; returns how many were called."""
-    count = 0
-    for layer in layers_of(model):
-        fn = _registered(layer, "after_rehydrate")
-        if fn is not None:
-            fn(layer, snapshot)
-            count += 1
-        elif _defines(layer, "after_rehydrate"):
-            layer.after_rehydrate(snapshot)
-            count += 1
-    return count
+    return _dispatch(model, "after_rehydrate", "after_rehydrate", snapshot)
 
 
 def _defines(layer, name: str) -> bool:

@@ -167,6 +167,10 @@ class SafeTrainer:
         self.memory_logs = bool(memory_logs)
         self._overrides = {"optimizer": optimizer, "loss": loss, "metrics": metrics}
         self._configure()
+        if getattr(built, "run_eagerly", False):
+            warnings.warn("The model was compiled with run_eagerly=True; SafeTrainer always compiles its steps "
+                          "(one trace each), so run_eagerly is ignored; to step through eagerly, use model.fit.",
+                          UserWarning, stacklevel=2)
         self.custom_objects = dict(custom_objects or {})
         self.memory = memory.MemoryLog()
         self.steps = StepFunctions(self, self.strategy, jit_compile)
@@ -502,7 +506,7 @@ class SafeTrainer:
         if validation_data is not None:
             vx, vy, vsw = data_module.unpack_validation_data(validation_data)
             val = data_module.as_batches(vx, vy, vsw, batch_size=validation_batch_size or (
-                batch_size if data_module._kind(vx) == "arrays" else None), shuffle=False,
+                batch_size if data_module.kind_of(vx) == "arrays" else None), shuffle=False,
                 steps=validation_steps, what="fit (validation_data)")
         self._build(train.element_spec)
         self._train_spec = train.element_spec

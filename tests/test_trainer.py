@@ -228,3 +228,12 @@ def test_memory_telemetry_lands_in_history_and_trainer_memory():
     assert [s.epoch for s in trainer.memory] == [0, 1, 2, 3]
     assert trainer.memory[-1].traces == {"train": 1, "test": 0, "predict": 0}
     assert np.isfinite(trainer.memory.slope())
+
+
+def test_run_eagerly_is_reported_as_ignored():
+    model = make_mlp(run_eagerly=True)
+    with pytest.warns(UserWarning, match="run_eagerly is ignored"):
+        trainer = SafeTrainer(model)
+    x, y = regression_data(n=16)
+    trainer.fit(x, y, epochs=1, verbose=0)
+    assert trainer.trace_counts["train"] == 1

@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end (tiny sizes: this checks that they work, not their numbers)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "t.json"
+    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--problems", "mlp", "--reps", "1",
+                             "--epochs", "2", "--samples", "640", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| mlp | safe/fit |" in result.stdout
+    data = json.loads(out.read_text())
+    assert set(data["results"][0]["median"]) == {"fit", "safe", "fit_spe", "safe_spe", "safe_verbose1", "floor"}
+
+
+def test_memory_benchmark_times_rehydration(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/memory.py", "--only", "r", "--json", str(tmp_path / "m.json"),
+                             "--png", ""], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Re-hydration of a 1,050,625-parameter model: median" in result.stdout
