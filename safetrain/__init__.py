@@ -13,7 +13,9 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from safetrain import hooks  # noqa: E402
 from safetrain.errors import ConfigurationError, SafetrainError  # noqa: E402
 from safetrain.memory import MemoryLog, MemoryMonitor, MemorySample  # noqa: E402
+from safetrain.checkpoint import CheckpointCorrupt, CheckpointMismatch, CheckpointWarning  # noqa: E402
 from safetrain.policies import (  # noqa: E402
+    Checkpoint,
     ClearSession,
     GarbageCollect,
     LeakDetector,
@@ -42,6 +44,7 @@ __all__ = [
     "MemoryBudget",
     "RetraceGuard",
     "LeakDetector",
+    "Checkpoint",
     "Snapshot",
     "hooks",
     "MemoryLog",
@@ -54,5 +57,8 @@ __all__ = [
     "RetraceError",
     "SnapshotMismatch",
     "LeakWarning",
+    "CheckpointCorrupt",
+    "CheckpointMismatch",
+    "CheckpointWarning",
     "__version__",
 ]

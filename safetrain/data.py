@@ -377,13 +377,16 @@ class EpochIterator:
         self.num_batches = batches.num_batches
         self._strategy = strategy
         self.iterator = None
+        self._iter_epoch = 0  # the epoch whose pass the current iterator is
         self._seen = 0      # batches drawn from the current iterator
         self._done = 0      # steps run in the current epoch
         self._exhausted = False
         self.element_spec = batches.element_spec
 
-    def _new_iterator(self, epoch: int):
+    def _new_iterator(self, epoch: int, skip: int = 0):
         ds = self.batches.dataset(epoch)
+        if skip:
+            ds = ds.skip(skip)
         strategy = self._strategy
         if strategy is not None and strategy.num_replicas_in_sync > 1 and not isinstance(
                 ds, tf.distribute.DistributedDataset):
@@ -391,6 +394,7 @@ class EpochIterator:
         iterator = iter(ds)
         if isinstance(ds, tf.distribute.DistributedDataset):
             self.element_spec = iterator.element_spec  # per-replica values
+        self._iter_epoch = epoch
         return iterator
 
     def start(self, epoch: int) -> None:
@@ -400,6 +404,24 @@ class EpochIterator:
             self.iterator = self._new_iterator(epoch)
             self._seen = 0
         self._done = 0
+        self._exhausted = False
+
+    @property
+    def position(self) -> dict:
+        """Where the data stands: which epoch's pass the iterator is on, how many batches it has given, and
+        how many steps the current epoch has run. `resume(position)` returns to exactly this point."""
+        return {"pass_epoch": self._iter_epoch, "pass_batches": self._seen, "epoch_steps": self._done}
+
+    def resume(self, epoch: int, position: dict) -> None:
+        """Begin epoch `epoch` part-way, at `position` (from `position` in an earlier process).
+
+        The pass is re-created and fast-forwarded: exact for arrays (their order is a function of seed and
+        epoch) and for any dataset whose order does not depend on how often it was iterated before.
+        """
+        self.batches.on_epoch_begin()
+        self.iterator = self._new_iterator(position["pass_epoch"], skip=position["pass_batches"])
+        self._seen = position["pass_batches"]
+        self._done = position["epoch_steps"]
         self._exhausted = False
 
     def remaining(self) -> int | None:
@@ -431,6 +453,8 @@ class EpochIterator:
         ran_out = self._exhausted or (self.num_batches is not None and self._seen >= self.num_batches)
         if self.steps_per_epoch is not None and ran_out and self._done < self.steps_per_epoch:
             warnings.warn(_RAN_OUT, stacklevel=3)
-        if ran_out:
-            self.iterator = None
+        if ran_out or self.steps_per_epoch is None:
+            self.iterator = None  # the next epoch starts a new pass
+            self._seen = 0
+        self._done = 0
         self.batches.on_epoch_end()

@@ -26,7 +26,8 @@ from safetrain import memory
 from safetrain.errors import SafetrainError
 
 __all__ = ["Policy", "PolicyList", "ResetStates", "ClearSession", "GarbageCollect", "TrimMalloc", "MemoryBudget",
-           "RetraceGuard", "LeakDetector", "MemoryBudgetExceeded", "RetraceError", "LeakWarning", "trim_malloc"]
+           "RetraceGuard", "LeakDetector", "Checkpoint", "MemoryBudgetExceeded", "RetraceError", "LeakWarning",
+           "trim_malloc"]
 
 
 class MemoryBudgetExceeded(SafetrainError, ValueError):
@@ -442,3 +443,80 @@ class LeakDetector(Policy):
                 f"Suggested: {suggestion}.")
         return dict(slope_mb_per_epoch=growth, traces=traces, grew=grew, object_mb=object_mb, rss_mb=rss_mb,
                     live_models=models, func_graphs=graphs, suggestion=suggestion, text=text)
+
+
+class Checkpoint(Policy):
+    """Write the full training state to `directory` atomically; resume from it when `fit` starts.
+
+    The state is what re-hydration restores: every model, optimizer and metric variable, the RNG state, the
+    counters, the data position (mid-epoch with `every_n_batches`) and the History so far. Each write goes
+    to a temporary folder, is fsynced and renamed into place; the oldest beyond `keep` are removed after.
+    A killed process therefore leaves the previous or the new checkpoint, never half of one; the restarted
+    `fit` ends with the weights and History of an uninterrupted run. A checkpoint failing its checksum is
+    reported and the previous one used; a failed write (disk full, permissions) warns and training goes on.
+
+    Args:
+        directory: where checkpoints live (one folder per run).
+        every_n_epochs: write after every this many epochs (None: never at epoch end).
+        every_n_batches: also write every this many training steps (None: never mid-epoch).
+        keep: how many checkpoints to keep.
+
+    Example:
+        >>> SafeTrainer(model, policies=[Checkpoint("runs/mlp", every_n_batches=500)]).fit(x, y, epochs=50)
+        # kill it any time; run the same command again and it finishes the same run.
+    """
+
+    def __init__(self, directory: str, every_n_epochs: int | None = 1, every_n_batches: int | None = None,
+                 keep: int = 2) -> None:
+        import os
+
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"`directory` must be a path, got {type(directory).__name__}.")
+        self.directory = os.fspath(directory)
+        self.every_n_epochs = None if every_n_epochs is None else _positive_int("every_n_epochs", every_n_epochs)
+        self.every_n_batches = None if every_n_batches is None else _positive_int("every_n_batches", every_n_batches)
+        self.keep = _positive_int("keep", keep)
+        self.resumed_from: str | None = None
+        self.written: list[str] = []
+        self.failures: list[str] = []
+        self.seconds = 0.0
+
+    def on_train_begin(self, trainer):
+        from safetrain import checkpoint
+
+        found = checkpoint.latest(self.directory)
+        if found is not None:
+            path, arrays, meta = found
+            trainer.resume(arrays, meta)
+            self.resumed_from = path
+
+    def save(self, trainer) -> str | None:
+        """Write a checkpoint now; returns its path, or None (with a `CheckpointWarning`) if writing failed."""
+        import time
+
+        from safetrain import checkpoint
+
+        t0 = time.perf_counter()
+        arrays, meta = trainer.training_state()
+        name = f"{checkpoint.PREFIX}{trainer._global_step:012d}"
+        try:
+            path = checkpoint.write(self.directory, name, arrays, meta)
+            checkpoint.prune(self.directory, self.keep)
+        except OSError as e:
+            self.failures.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"Checkpoint could not be written to {self.directory} ({type(e).__name__}: {e}); the "
+                          "previous checkpoint is intact and training goes on.", checkpoint.CheckpointWarning,
+                          stacklevel=2)
+            return None
+        finally:
+            self.seconds += time.perf_counter() - t0
+        if not self.written or self.written[-1] != path:  # an epoch end on a batch checkpoint's step
+            self.written.append(path)
+        return path
+
+    def on_batch_end(self, trainer, step, sample):
+        self.save(trainer)
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self.save(trainer)

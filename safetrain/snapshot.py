@@ -25,7 +25,7 @@ import numpy as np
 from safetrain import hooks
 from safetrain.errors import ConfigurationError, SafetrainError
 
-__all__ = ["Snapshot", "SnapshotMismatch", "check_rebuildable"]
+__all__ = ["Snapshot", "SnapshotMismatch", "check_rebuildable", "signature"]
 
 _GLOBAL_SEED_GENERATOR = "global_seed_generator"
 
@@ -96,6 +96,21 @@ def _recipe(obj) -> Callable[[], Any]:
         return lambda: keras.saving.deserialize_keras_object(serialized)
     except Exception:  # noqa: BLE001
         return lambda: obj  # a plain function: stateless, safe to share
+
+
+def signature(model: keras.Model) -> dict[str, list]:
+    """Shapes and dtypes of every variable group, and the layer classes: what a checkpoint must match.
+
+    Names are left out on purpose: Keras uniquifies them per process (`dense_3/kernel`), so the same
+    architecture built in a fresh process has other names but the same signature.
+    """
+    def describe(variables):
+        return [[list(v.shape), str(v.dtype)] for v in variables]
+    optimizer = model.optimizer if getattr(model, "compiled", False) else None
+    return {"layers": [type(layer).__name__ for layer in hooks.layers_of(model)],
+            "model": describe(model.variables),
+            "optimizer": describe(optimizer.variables) if optimizer is not None and optimizer.built else [],
+            "metrics": describe(model.metrics_variables)}
 
 
 def _values(variables) -> list[np.ndarray]:
@@ -181,6 +196,12 @@ class Snapshot:
             trainer._build(self.element_spec)
         elif not model.built:
             raise ConfigurationError("Snapshot.restore: no input spec recorded and the rebuilt model is not built.")
+        self.restore_values(trainer)
+        return model
+
+    def restore_values(self, trainer) -> None:
+        """Put the captured values into the trainer's current (built) model, optimizer and metrics."""
+        model = trainer.model
         _assign("model.variables", model.variables, self.model_values)
         if self.optimizer_values:
             if not model.optimizer.built:
@@ -192,7 +213,26 @@ class Snapshot:
             global_seed_generator().state.assign(self.global_seed)
         trainer._set_counters(self.counters)
         hooks.after_rehydrate(model, self)
-        return model
+
+    # -- on disk (see safetrain.checkpoint): values only; the structure comes from the user's own code ----
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every captured value, named `model/0000`, `optimizer/0000`, `metrics/0000`, `seed/global`."""
+        out = {}
+        for group, values in (("model", self.model_values), ("optimizer", self.optimizer_values),
+                              ("metrics", self.metric_values)):
+            out.update({f"{group}/{i:04d}": v for i, v in enumerate(values)})
+        if self.global_seed is not None:
+            out["seed/global"] = self.global_seed
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], counters: dict[str, Any]) -> "Snapshot":
+        """The values of a checkpoint, to `restore_values` into a model built by the same code."""
+        def group(name):
+            return [arrays[k] for k in sorted(k for k in arrays if k.startswith(name + "/"))]
+        return cls(structure=None, factory=None, compile_args={}, element_spec=None,
+                   model_values=group("model"), optimizer_values=group("optimizer"), metric_values=group("metrics"),
+                   global_seed=arrays.get("seed/global"), counters=counters, custom_objects={})
 
     @property
     def nbytes(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import gc
 import inspect
+import json
 import random
 import time
 import warnings
@@ -31,7 +32,9 @@ from safetrain import memory
 from safetrain.errors import ConfigurationError
 from safetrain.policies import Policy, PolicyList
 from safetrain.progress import ProgressBar
+from safetrain.checkpoint import CheckpointMismatch
 from safetrain.snapshot import Snapshot, check_rebuildable
+from safetrain.snapshot import signature as snapshot_signature
 from safetrain.steps import ChunkSizer, StepFunctions
 
 __all__ = ["SafeTrainer"]
@@ -110,6 +113,30 @@ def _release_previous_models() -> None:
         ctx.clear_kernel_cache()
 
 
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _describe_mismatch(saved: Mapping | None, expected: Mapping) -> str:
+    if not saved:
+        return "The checkpoint has no model signature; it was not written by safetrain's Checkpoint."
+    for group in ("layers", "model", "optimizer", "metrics"):
+        a, b = saved.get(group, []), expected[group]
+        if a != b:
+            if len(a) != len(b):
+                detail = f"{len(a)} entries in the checkpoint, {len(b)} in this model"
+            else:
+                i = next(i for i, (u, v) in enumerate(zip(a, b)) if u != v)
+                detail = f"entry {i} is {a[i]} in the checkpoint, {b[i]} in this model"
+            return (f"This checkpoint was written for another model: its {group} differ ({detail}). Point "
+                    "Checkpoint at a new directory for a new model, or delete the old checkpoints.")
+    return "This checkpoint was written for another model."
+
+
 def _first_tensor(x):
     return next(t for t in tree.flatten(x) if t is not None)
 
@@ -182,6 +209,9 @@ class SafeTrainer:
         self._train_spec = None
         self._callbacks: CallbackList | None = None
         self._progress_bar: ProgressBar | None = None
+        self._train_batches: data_module.Batches | None = None
+        self._train_epochs: data_module.EpochIterator | None = None
+        self._pending_resume: dict | None = None
         self._rebuildable_checked = False
 
     # -- model and compile configuration -------------------------------------------------------------
@@ -300,6 +330,34 @@ class SafeTrainer:
         self.epoch = counters["epoch"]
         self._global_step = counters["global_step"]
         self.data_seed = counters["data_seed"]
+        if self._train_batches is not None and self.data_seed is not None:
+            self._train_batches.seed = self.data_seed
+
+    def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything a checkpoint holds: every variable value (as arrays) and, as JSON-able metadata, the
+        counters, the data position, the History so far and the model's signature."""
+        snapshot = Snapshot.take(self)
+        history = self._callbacks._history if self._callbacks is not None else None
+        meta = {
+            "counters": snapshot.counters,
+            "position": self._train_epochs.position if self._train_epochs is not None else None,
+            "history": None if history is None else {"epoch": list(getattr(history, "epoch", [])),
+                                                     "history": {k: list(v) for k, v in history.history.items()}},
+            "signature": snapshot_signature(self.model),
+        }
+        return snapshot.arrays(), json.loads(json.dumps(meta, default=_jsonable))
+
+    def resume(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Load a checkpoint's state into this trainer; the running (or next) `fit` continues from its position.
+
+        Raises `CheckpointMismatch` when the checkpoint was written for another model.
+        """
+        expected = json.loads(json.dumps(snapshot_signature(self.model)))
+        saved = meta.get("signature")
+        if saved != expected:
+            raise CheckpointMismatch(_describe_mismatch(saved, expected))
+        Snapshot.from_arrays(dict(arrays), dict(meta["counters"])).restore_values(self)
+        self._pending_resume = dict(meta)
 
     def check_rehydratable(self) -> None:
         """Raise `ConfigurationError` now (before training) if `rehydrate()` could not rebuild the model."""
@@ -510,13 +568,14 @@ class SafeTrainer:
                 steps=validation_steps, what="fit (validation_data)")
         self._build(train.element_spec)
         self._train_spec = train.element_spec
+        self._train_batches = train
         return self._fit_loop(train, val, epochs=epochs, initial_epoch=initial_epoch, verbose=verbose,
                               callbacks=callbacks, steps_per_epoch=steps_per_epoch,
                               validation_steps=validation_steps, validation_freq=validation_freq)
 
     def _fit_loop(self, train, val, *, epochs, initial_epoch, verbose, callbacks, steps_per_epoch,
                   validation_steps, validation_freq) -> keras.callbacks.History:
-        train_epochs = data_module.EpochIterator(train, steps_per_epoch, self.strategy)
+        train_epochs = self._train_epochs = data_module.EpochIterator(train, steps_per_epoch, self.strategy)
         callbacks = CallbackList(callbacks, add_history=True, add_progbar=False, verbose=verbose,
                                  epochs=epochs, steps=steps_per_epoch or train.num_batches, model=self.model)
         progress = self._progress(verbose, callbacks.params)
@@ -534,14 +593,25 @@ class SafeTrainer:
                 progress.on_train_begin()
             self.policies.on_train_begin(self)
             initial_epoch = self.model._initial_epoch or initial_epoch
+            position = None
+            if self._pending_resume is not None:  # a policy loaded a checkpoint: continue where it was
+                resumed, self._pending_resume = self._pending_resume, None
+                initial_epoch, position = self.epoch, resumed.get("position")
+                self._restore_history(callbacks, resumed.get("history"))
             for epoch in range(initial_epoch, epochs):
                 self.epoch = epoch
-                self.model.reset_metrics()
+                mid_epoch = position is not None and position["epoch_steps"] > 0
+                if not mid_epoch:  # a resumed half epoch keeps its restored metric state
+                    self.model.reset_metrics()
                 callbacks.on_epoch_begin(epoch)
                 if progress is not None:
                     progress.on_epoch_begin(epoch)
                 self.policies.on_epoch_begin(self, epoch)
-                train_epochs.start(epoch)
+                if position is not None and position["pass_batches"] > 0:
+                    train_epochs.resume(epoch, position)
+                else:
+                    train_epochs.start(epoch)
+                position = None
                 logs = self._run("train", train_epochs, callbacks, hooks_needed, chunks, progress)
                 steps_done = train_epochs.steps_done
                 train_epochs.finish()
@@ -571,8 +641,16 @@ class SafeTrainer:
         finally:
             if progress is not None:
                 progress.on_train_end()
-            self._callbacks = self._progress_bar = None
+            self._callbacks = self._progress_bar = self._train_epochs = None
         return self.model.history
+
+    @staticmethod
+    def _restore_history(callbacks: CallbackList, saved: Mapping | None) -> None:
+        history = callbacks._history
+        if saved is None or history is None:
+            return
+        history.epoch = list(saved["epoch"])
+        history.history = {k: list(v) for k, v in saved["history"].items()}
 
     def _chunk_sizer(self, hooks_needed: bool) -> ChunkSizer:
         return ChunkSizer(1 if hooks_needed and self.steps_per_execution == "auto" else self.steps_per_execution)

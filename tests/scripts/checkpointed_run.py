@@ -1,0 +1,77 @@
+"""A training run with Checkpoint, for kill-and-resume tests: `python checkpointed_run.py OUT_JSON CKPT_DIR`.
+
+Environment switches (test-only, set by the parent test):
+    SLOW_CHECKPOINT_WRITE=seconds  pause this long half-way through writing each state.npz, with the file
+                                   CKPT_DIR/../writing holding the write's number meanwhile (so that a
+                                   kill can land mid-write)
+    NO_CHECKPOINT=1                train without the Checkpoint policy (the uninterrupted reference)
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import safetrain.checkpoint as checkpoint_module  # noqa: E402
+from safetrain import Checkpoint, SafeTrainer  # noqa: E402
+
+out_path, ckpt_dir = sys.argv[1], sys.argv[2]
+delay = float(os.environ.get("SLOW_CHECKPOINT_WRITE", "0"))
+if delay:
+    marker = os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "writing")
+    original = checkpoint_module._write_file
+
+    writes = {"n": 0}
+
+    def slow_write(path, data):
+        if not path.endswith("state.npz"):
+            return original(path, data)
+        writes["n"] += 1
+        with open(marker, "w") as f:  # the parent reads which write this is
+            f.write(str(writes["n"]))
+        half = len(data) // 2
+        with open(path, "wb") as f:  # write half, pause, write the rest: a kill here truncates the file
+            f.write(data[:half])
+            f.flush()
+            time.sleep(delay)
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(marker)
+
+    checkpoint_module._write_file = slow_write
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((480, 8)).astype("float32")
+y = (x[:, :2].sum(axis=1, keepdims=True) + 0.1 * rng.standard_normal((480, 1))).astype("float32")
+
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dropout(0.3),
+                          keras.layers.Dense(1)])
+model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+policies = [] if os.environ.get("NO_CHECKPOINT") else [Checkpoint(ckpt_dir, every_n_batches=7, keep=2)]
+trainer = SafeTrainer(model, policies=policies)
+
+
+class Slow(keras.callbacks.Callback):
+    """Stretch each epoch a little so that a kill can land anywhere in it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        time.sleep(0.05)
+
+
+history = trainer.fit(x, y, batch_size=16, epochs=6, validation_split=0.25, verbose=0, callbacks=[Slow()])
+result = {
+    "history": {k: v for k, v in history.history.items() if k != "rss_mb"},
+    "epochs": history.epoch,
+    "weights": [w.tolist() for w in trainer.model.get_weights()],
+    "iterations": int(trainer.model.optimizer.iterations),
+    "resumed_from": policies[0].resumed_from if policies else None,
+}
+with open(out_path, "w") as f:
+    json.dump(result, f)
