@@ -11,8 +11,11 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from safetrain import hooks  # noqa: E402
-from safetrain.errors import ConfigurationError, SafetrainError  # noqa: E402
+from safetrain import faults  # noqa: E402
+from safetrain.errors import ConfigurationError, OutOfMemory, OutOfMemoryWarning, SafetrainError  # noqa: E402
+from safetrain.isolation import IsolatedProcessError, RemoteTraceback, run_isolated  # noqa: E402
 from safetrain.memory import MemoryLog, MemoryMonitor, MemorySample  # noqa: E402
+from safetrain.checks import DataError  # noqa: E402
 from safetrain.checkpoint import CheckpointCorrupt, CheckpointMismatch, CheckpointWarning  # noqa: E402
 from safetrain.policies import (  # noqa: E402
     Checkpoint,
@@ -24,8 +27,10 @@ from safetrain.policies import (  # noqa: E402
     MemoryBudgetExceeded,
     Policy,
     ResetStates,
+    NonFiniteLoss,
     RetraceError,
     RetraceGuard,
+    StopOnNaN,
     TrimMalloc,
 )
 from safetrain.progress import ProgressBar  # noqa: E402
@@ -45,7 +50,9 @@ __all__ = [
     "RetraceGuard",
     "LeakDetector",
     "Checkpoint",
+    "StopOnNaN",
     "Snapshot",
+    "run_isolated",
     "hooks",
     "MemoryLog",
     "MemoryMonitor",
@@ -57,8 +64,15 @@ __all__ = [
     "RetraceError",
     "SnapshotMismatch",
     "LeakWarning",
+    "NonFiniteLoss",
     "CheckpointCorrupt",
     "CheckpointMismatch",
     "CheckpointWarning",
+    "IsolatedProcessError",
+    "OutOfMemory",
+    "OutOfMemoryWarning",
+    "DataError",
+    "faults",
+    "RemoteTraceback",
     "__version__",
 ]

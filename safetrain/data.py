@@ -230,6 +230,7 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
     if class_weight is not None:
         sample_weight = _class_weight_to_sample_weight(y, class_weight)
     inputs = data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight)
+    inputs = tree.map_structure(_strings_as_tensors, inputs)
     if not batch_size:
         batch_size = int(math.ceil(n / steps)) if steps else 32
     arrays = tree.lists_to_tuples(array_slicing.convert_to_sliceable(inputs, target_backend="tensorflow"))
@@ -240,6 +241,13 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         raise ValueError(f"`shuffle` must be True, False or 'batch', got {shuffle!r}.")
     return Batches("arrays", relax_spec(spec), int(math.ceil(n / batch_size)), arrays=arrays,
                    num_samples=n, batch_size=int(batch_size), shuffle=shuffle, seed=seed)
+
+
+def _strings_as_tensors(a):
+    # Keras's array conversion rejects NumPy unicode/bytes arrays; as tf.string they batch like any array.
+    if isinstance(a, np.ndarray) and a.dtype.kind in ("U", "S"):
+        return tf.constant(a.astype(object if a.dtype.kind == "U" else a.dtype), dtype=tf.string)
+    return a
 
 
 def _to_tensor(a):
@@ -411,6 +419,11 @@ class EpochIterator:
         """Where the data stands: which epoch's pass the iterator is on, how many batches it has given, and
         how many steps the current epoch has run. `resume(position)` returns to exactly this point."""
         return {"pass_epoch": self._iter_epoch, "pass_batches": self._seen, "epoch_steps": self._done}
+
+    def reposition(self) -> None:
+        """Re-create the iterator at the current position (after a failed call consumed batches it did not
+        train on): the next batch is the first one not yet trained on."""
+        self.iterator = self._new_iterator(self._iter_epoch, skip=self._seen)
 
     def resume(self, epoch: int, position: dict) -> None:
         """Begin epoch `epoch` part-way, at `position` (from `position` in an earlier process).

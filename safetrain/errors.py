@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SafetrainError", "ConfigurationError"]
+__all__ = ["SafetrainError", "ConfigurationError", "OutOfMemory", "OutOfMemoryWarning"]
 
 
 class SafetrainError(Exception):
@@ -11,3 +11,11 @@ class SafetrainError(Exception):
 
 class ConfigurationError(SafetrainError, ValueError):
     """The trainer cannot run as configured (e.g. no loss or optimizer); raised before any step."""
+
+
+class OutOfMemory(SafetrainError, ValueError):
+    """Training ran out of memory and could not recover (a custom train_step, or not even one sample fits)."""
+
+
+class OutOfMemoryWarning(UserWarning):
+    """A training step ran out of memory and was retried in smaller microbatches."""

@@ -26,8 +26,8 @@ from safetrain import memory
 from safetrain.errors import SafetrainError
 
 __all__ = ["Policy", "PolicyList", "ResetStates", "ClearSession", "GarbageCollect", "TrimMalloc", "MemoryBudget",
-           "RetraceGuard", "LeakDetector", "Checkpoint", "MemoryBudgetExceeded", "RetraceError", "LeakWarning",
-           "trim_malloc"]
+           "RetraceGuard", "LeakDetector", "Checkpoint", "StopOnNaN", "MemoryBudgetExceeded", "RetraceError",
+           "LeakWarning", "NonFiniteLoss", "trim_malloc"]
 
 
 class MemoryBudgetExceeded(SafetrainError, ValueError):
@@ -67,6 +67,8 @@ class Policy:
     """
 
     every_n_batches: int | None = None
+    #: set True to get `on_nonfinite_loss`: training chunks then stop on the step whose loss is NaN/Inf
+    watches_nonfinite: bool = False
 
     def on_train_begin(self, trainer) -> None:
         """Before the first epoch of a `fit`."""
@@ -76,6 +78,9 @@ class Policy:
 
     def on_batch_end(self, trainer, step: int, sample: memory.MemorySample) -> None:
         """After global training step `step` (1-based), when `step % every_n_batches == 0`."""
+
+    def on_nonfinite_loss(self, trainer, epoch: int, step: int, logs: dict) -> None:
+        """(with `watches_nonfinite`) Right after step `step` of epoch `epoch` produced a NaN/Inf loss."""
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict, sample: memory.MemorySample) -> None:
         """After epoch `epoch` and its callbacks, with its logs and memory sample."""
@@ -131,6 +136,15 @@ class PolicyList:
             sample = memory.sample(getattr(trainer, "epoch", None), trainer.trace_counts)
             for p in due:
                 p.on_batch_end(trainer, step, sample)
+
+    @property
+    def watches_nonfinite(self) -> bool:
+        return any(p.watches_nonfinite for p in self.policies)
+
+    def on_nonfinite_loss(self, trainer, epoch: int, step: int, logs: dict) -> None:
+        for p in self.policies:
+            if p.watches_nonfinite:
+                p.on_nonfinite_loss(trainer, epoch, step, logs)
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict, sample: memory.MemorySample) -> None:
         for p in self.policies:
@@ -245,24 +259,45 @@ class MemoryBudget(Policy):
     Args:
         max_rss_mb: the budget, in MiB of resident memory.
         action: "rehydrate" (clear the session and continue exactly), "stop" (end training cleanly after
-            the current step, History intact) or "raise" (`MemoryBudgetExceeded`, carrying the series).
+            the current step, History intact), "raise" (`MemoryBudgetExceeded`, carrying the series) or
+            "restart" (write a checkpoint with the trainer's `Checkpoint` policy, then re-execute the same
+            command line in this process with `os.execv`; the new process resumes exactly). A restart that
+            made no progress since the process started is not repeated (a warning says so), nor is one
+            beyond `max_restarts`.
         check_every: also check every this many training steps (None: only at epoch end).
+        max_restarts: for "restart", how many restarts in a row are allowed.
 
     Example:
-        >>> SafeTrainer(model, policies=[MemoryBudget(4000, action="stop", check_every=100)])
+        >>> SafeTrainer(model, policies=[Checkpoint("runs/a"), MemoryBudget(6000, action="restart")])
     """
 
-    def __init__(self, max_rss_mb: float, action: str = "rehydrate", check_every: int | None = None) -> None:
+    def __init__(self, max_rss_mb: float, action: str = "rehydrate", check_every: int | None = None,
+                 max_restarts: int = 100) -> None:
         if isinstance(max_rss_mb, bool) or not isinstance(max_rss_mb, (int, float)) or max_rss_mb <= 0:
             raise ValueError(f"`max_rss_mb` must be a positive number, got {max_rss_mb!r}.")
         self.max_rss_mb = float(max_rss_mb)
-        self.action = _choice("action", action, ("rehydrate", "stop", "raise"))
+        self.action = _choice("action", action, ("rehydrate", "stop", "raise", "restart"))
         self.every_n_batches = None if check_every is None else _positive_int("check_every", check_every)
+        self.max_restarts = _positive_int("max_restarts", max_restarts)
         self.events: list[tuple[str, int | None, float]] = []
+        self._process_start_step: int | None = None
 
     def on_train_begin(self, trainer):
         if self.action == "rehydrate":
             trainer.check_rehydratable()
+        if self.action == "restart" and self._checkpoint(trainer) is None:
+            from safetrain.errors import ConfigurationError
+
+            raise ConfigurationError("MemoryBudget(action='restart') needs a Checkpoint policy in the same "
+                                     "trainer: the restarted process resumes from its checkpoint.")
+
+    def on_epoch_begin(self, trainer, epoch):
+        if self._process_start_step is None:  # after every on_train_begin, a resume included
+            self._process_start_step = trainer._global_step
+
+    @staticmethod
+    def _checkpoint(trainer):
+        return next((p for p in trainer.policies if isinstance(p, Checkpoint)), None)
 
     def _check(self, trainer, sample, where: str, step: int | None) -> None:
         if sample.rss_mb <= self.max_rss_mb:
@@ -272,15 +307,42 @@ class MemoryBudget(Policy):
             trainer.rehydrate()
         elif self.action == "stop":
             trainer.model.stop_training = True
+        elif self.action == "restart":
+            self._restart(trainer, sample)
         else:
             raise MemoryBudgetExceeded(
                 f"Resident memory {sample.rss_mb:.1f} MiB exceeds the budget of {self.max_rss_mb:.1f} MiB "
                 f"({where}{'' if step is None else f' {step}'}, epoch {sample.epoch}).", trainer.memory, sample)
 
+    def _restart(self, trainer, sample) -> None:
+        import os
+
+        from safetrain.isolation import RESTARTS_ENV, restart_process
+
+        restarts = int(os.environ.get(RESTARTS_ENV, "0"))
+        if trainer._global_step <= (self._process_start_step or 0):
+            warnings.warn(f"MemoryBudget: {sample.rss_mb:.1f} MiB is over the budget of {self.max_rss_mb:.1f} MiB "
+                          "right after a restart, before any progress; not restarting again (raise the budget).",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if restarts >= self.max_restarts:
+            warnings.warn(f"MemoryBudget: over budget, but {restarts} restarts already (max_restarts); going on.",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if self._checkpoint(trainer).save(trainer) is None:
+            warnings.warn("MemoryBudget: the checkpoint before the restart failed; not restarting.",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if trainer._progress_bar is not None:
+            trainer._progress_bar.on_train_end()
+        restart_process()
+
     def on_batch_end(self, trainer, step, sample):
         self._check(trainer, sample, "step", step)
 
     def on_epoch_end(self, trainer, epoch, logs, sample):
+        if self.action == "restart" and epoch + 1 >= getattr(trainer, "epochs_target", 0):
+            return  # nothing left to train: a restart would only resume a finished run
         self._check(trainer, sample, "end of epoch", epoch)
 
 
@@ -520,3 +582,55 @@ class Checkpoint(Policy):
     def on_epoch_end(self, trainer, epoch, logs, sample):
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
             self.save(trainer)
+
+
+class NonFiniteLoss(UserWarning):
+    """`StopOnNaN` stopped training; the message says where and what was rolled back."""
+
+
+class StopOnNaN(Policy):
+    """Stop at the first step whose loss is NaN or infinite, and (with `rollback`) restore the last good state.
+
+    The check runs inside the compiled loop, so training keeps running many steps per call and still stops
+    on the exact step. With `rollback=True` the model and optimizer go back to their state at the start of
+    that epoch (kept in memory), so the model is usable; the History keeps the epoch's logs as they were.
+    `policy.event` says where it happened.
+
+    Example:
+        >>> stop = StopOnNaN()
+        >>> SafeTrainer(model, policies=[stop]).fit(x, y, epochs=20)
+        >>> stop.event   # {'epoch': 3, 'step': 41, 'global_step': 1041, 'loss': nan, 'rolled_back_to_epoch': 3}
+    """
+
+    watches_nonfinite = True
+
+    def __init__(self, rollback: bool = True) -> None:
+        self.rollback = bool(rollback)
+        self.event: dict | None = None
+        self._good = None
+
+    def on_train_begin(self, trainer):
+        trainer.steps.stop_on_nonfinite = True
+
+    def on_epoch_begin(self, trainer, epoch):
+        if self.rollback:
+            from safetrain.snapshot import Snapshot
+
+            self._good = (epoch, Snapshot.take(trainer))
+
+    def on_nonfinite_loss(self, trainer, epoch, step, logs):
+        loss = logs.get("loss", next(iter(logs.values()), float("nan"))) if logs else float("nan")
+        self.event = {"epoch": epoch, "step": step, "global_step": trainer._global_step, "loss": loss,
+                      "rolled_back_to_epoch": None}
+        trainer.model.stop_training = True
+        message = (f"Non-finite loss ({loss}) at epoch index {epoch} (Epoch {epoch + 1}), batch {step} (global "
+                   f"step {trainer._global_step}); training stopped")
+        if self.rollback and self._good is not None:
+            good_epoch, snapshot = self._good
+            snapshot.restore_values(trainer, metrics=False, counters=False)
+            self.event["rolled_back_to_epoch"] = good_epoch
+            message += f" and the model and optimizer were rolled back to the start of epoch index {good_epoch}"
+        warnings.warn(message + ".", NonFiniteLoss, stacklevel=2)
+
+    def on_train_end(self, trainer):
+        trainer.steps.stop_on_nonfinite = False

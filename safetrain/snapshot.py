@@ -199,19 +199,22 @@ class Snapshot:
         self.restore_values(trainer)
         return model
 
-    def restore_values(self, trainer) -> None:
-        """Put the captured values into the trainer's current (built) model, optimizer and metrics."""
+    def restore_values(self, trainer, metrics: bool = True, counters: bool = True) -> None:
+        """Put the captured values into the trainer's current (built) model and optimizer, and (unless
+        told not to) its metric state and counters."""
         model = trainer.model
         _assign("model.variables", model.variables, self.model_values)
         if self.optimizer_values:
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
             _assign("optimizer.variables", model.optimizer.variables, self.optimizer_values)
-        _assign("model.metrics_variables", model.metrics_variables, self.metric_values)
+        if metrics:
+            _assign("model.metrics_variables", model.metrics_variables, self.metric_values)
         if self.global_seed is not None:
             from keras.src.random.seed_generator import global_seed_generator
             global_seed_generator().state.assign(self.global_seed)
-        trainer._set_counters(self.counters)
+        if counters:
+            trainer._set_counters(self.counters)
         hooks.after_rehydrate(model, self)
 
     # -- on disk (see safetrain.checkpoint): values only; the structure comes from the user's own code ----

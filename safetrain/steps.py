@@ -28,6 +28,8 @@ import tensorflow as tf
 from keras import tree
 from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
+from safetrain import faults
+
 __all__ = ["StepFunctions", "KINDS", "TraceEvent", "gradient_registry"]
 
 KINDS = ("train", "test", "predict")
@@ -142,6 +144,20 @@ class StepFunctions:
         self._lock = threading.Lock()
         self.total_trace_counts: dict[str, int] = {k: 0 for k in KINDS}
         self.released_gradient_entries = 0
+        self._stop_on_nonfinite = False
+
+    @property
+    def stop_on_nonfinite(self) -> bool:
+        """When True, a training chunk stops right after the step whose loss (or any float scalar it
+        returns) is NaN or infinite, so the caller knows exactly which step it was."""
+        return self._stop_on_nonfinite
+
+    @stop_on_nonfinite.setter
+    def stop_on_nonfinite(self, value: bool) -> None:
+        if bool(value) != self._stop_on_nonfinite:
+            self._stop_on_nonfinite = bool(value)
+            self._loops.pop("train", None)  # the check is part of the loop's graph
+            self._concrete.pop("train", None)
 
     # -- building -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -156,6 +172,25 @@ class StepFunctions:
         self.trace_counts = {k: 0 for k in KINDS}
         self.loop_trace_counts = {k: 0 for k in KINDS}
         self.signatures = {k: [] for k in KINDS}
+
+    def reset_kind(self, kind: str) -> None:
+        """Forget the compiled functions of one kind (the next call traces them again, counted afresh)."""
+        self._steps.pop(kind, None)
+        self._loops.pop(kind, None)
+        self._concrete.pop(kind, None)
+        self.trace_counts[kind] = 0
+        self.loop_trace_counts[kind] = 0
+        self.signatures[kind] = []
+
+    def run_step(self, kind: str, data, spec):
+        """Run one step of `kind` on one batch (already a tensor structure) and return its outputs."""
+        try:
+            return self.step_function(kind, spec)(data)
+        except tf.errors.OpError as error:
+            translated = faults.translate(error)
+            if translated is None:
+                raise
+            raise translated from None
 
     def _release_gradient_entries(self, before: set | None) -> None:
         # Gradients inside the step are taken during its own trace (by the tape), so the entries its
@@ -186,6 +221,9 @@ class StepFunctions:
             self._record_trace(kind, spec)  # Python side effect: runs once per trace, never per step
             registry = gradient_registry()
             before = set(registry) if registry is not None else None
+            if getattr(self._owner, "check_inputs", False):
+                from safetrain.checks import finite_guard
+                data = finite_guard(data)
             try:
                 outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
                 return reduce_per_replica(outputs, strategy, reduction=reduction)
@@ -217,6 +255,13 @@ class StepFunctions:
         if kind == "predict":
             return self._make_predict_loop(step, spec)
 
+        watch = kind == "train" and self._stop_on_nonfinite
+
+        def finite(outputs):
+            checks = [tf.reduce_all(tf.math.is_finite(o)) for o in tf.nest.flatten(outputs)
+                      if o.dtype.is_floating and o.shape.rank == 0]
+            return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
         def loop(iterator, n):
             self.loop_trace_counts[kind] += 1
             out_specs = _output_specs(step.get_concrete_function(spec))
@@ -229,9 +274,12 @@ class StepFunctions:
 
             def body(i, done, outputs):
                 nxt = iterator.get_next_as_optional()
-                return tf.cond(nxt.has_value(),
-                               lambda: (i + 1, tf.constant(False), step(nxt.get_value())),
-                               lambda: (i, tf.constant(True), outputs))
+
+                def run():
+                    new = step(nxt.get_value())
+                    return i + 1, tf.logical_not(finite(new)) if watch else tf.constant(False), new
+
+                return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), outputs))
 
             i, _, outputs = tf.while_loop(cond, body, (tf.constant(0), tf.constant(False), init),
                                           shape_invariants=invariants)
@@ -294,16 +342,22 @@ class StepFunctions:
         # Calling the traced concrete function skips tf.function's per-call dispatch (argument binding,
         # trace-type lookup): measurable at a few steps per call. It is keyed on the spec object the
         # caller passes (one per data source), and falls back to the dispatching call on any mismatch.
-        cached = self._concrete.get(kind)
-        if cached is not None and cached[0] is spec:
-            try:
-                steps_run, outputs = cached[1](iterator, self._n(n))
-                return int(steps_run), outputs
-            except (TypeError, ValueError):
-                self._concrete.pop(kind, None)
-        steps_run, outputs = loop(iterator, self._n(n))
-        self._concrete[kind] = (spec, loop.get_concrete_function(iterator, self._n(n)))
-        return int(steps_run), outputs
+        try:
+            cached = self._concrete.get(kind)
+            if cached is not None and cached[0] is spec:
+                try:
+                    steps_run, outputs = cached[1](iterator, self._n(n))
+                    return int(steps_run), outputs
+                except (TypeError, ValueError):
+                    self._concrete.pop(kind, None)
+            steps_run, outputs = loop(iterator, self._n(n))
+            self._concrete[kind] = (spec, loop.get_concrete_function(iterator, self._n(n)))
+            return int(steps_run), outputs
+        except tf.errors.OpError as error:
+            translated = faults.translate(error)
+            if translated is None:
+                raise
+            raise translated from None
 
 
 class ChunkSizer:

@@ -26,10 +26,12 @@ from keras.src.backend.tensorflow.trainer import potentially_ragged_concat
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.utils.python_utils import pythonify_logs
 
+from safetrain import checks
 from safetrain import data as data_module
 from safetrain import hooks
 from safetrain import memory
-from safetrain.errors import ConfigurationError
+from safetrain import faults
+from safetrain.errors import ConfigurationError, OutOfMemory, OutOfMemoryWarning
 from safetrain.policies import Policy, PolicyList
 from safetrain.progress import ProgressBar
 from safetrain.checkpoint import CheckpointMismatch
@@ -113,6 +115,21 @@ def _release_previous_models() -> None:
         ctx.clear_kernel_cache()
 
 
+def _error_line(message: str) -> str:
+    """The line of a TensorFlow error that says what went wrong (not its traceback or node names)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    skip = ("File ", "[[", "Detected at node", "Graph execution error", "Traceback (most recent", "[Op:")
+    useful = [ln for ln in lines if not ln.startswith(skip) and "(most recent call last)" not in ln]
+    line = useful[-1] if useful else (lines[0] if lines else "")
+    return line.split("[[")[0].strip()
+
+
+def _all_finite(logs) -> bool:
+    """True when every float scalar in a step's outputs is finite (one device read per chunk)."""
+    values = [v for v in tree.flatten(logs) if hasattr(v, "dtype") and v.dtype.is_floating and v.shape.rank == 0]
+    return bool(np.all(np.isfinite([float(v) for v in values]))) if values else True
+
+
 def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
@@ -158,6 +175,14 @@ class SafeTrainer:
             History, CSVLogger and TensorBoard record them. `trainer.memory` is kept either way.
         custom_objects: classes and functions re-hydration needs to rebuild the model from its config (as
             for `keras.models.load_model`); the classes of the model's own layers are found automatically.
+        microbatch_size: split every training batch into microbatches of this many samples and accumulate
+            their gradients into one update (the same update, up to summation order, for losses averaged
+            over the batch). None: whole batches.
+        oom_recovery: when a training step runs out of memory (`tf.errors.ResourceExhaustedError`), drop
+            it, retry that batch in microbatches, halving until it fits, and keep that size for the rest of
+            the run (see `trainer.oom_events`).
+        check_inputs: refuse NaN/Inf in float inputs: arrays are scanned before training (naming the first
+            bad sample), other inputs are checked inside each step (naming the batch).
 
     Example:
         >>> model.compile(optimizer="adam", loss="mse", metrics=["mae"])
@@ -169,9 +194,12 @@ class SafeTrainer:
     def __init__(self, model: keras.Model | Callable[[], keras.Model], *, optimizer=None, loss=None,
                  metrics=None, policies: Sequence[Policy] = (), strategy: tf.distribute.Strategy | None = None,
                  steps_per_execution: int | str = "auto", jit_compile: bool = False,
-                 memory_logs: bool = True, custom_objects: Mapping[str, Any] | None = None) -> None:
+                 memory_logs: bool = True, custom_objects: Mapping[str, Any] | None = None,
+                 microbatch_size: int | None = None, oom_recovery: bool = True,
+                 check_inputs: bool = False) -> None:
         if steps_per_execution != "auto":
             _check_int("steps_per_execution", steps_per_execution, 1)
+        _check_int("microbatch_size", microbatch_size, 1, allow_none=True)
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be a bool, got {jit_compile!r}.")
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
@@ -212,6 +240,14 @@ class SafeTrainer:
         self._train_batches: data_module.Batches | None = None
         self._train_epochs: data_module.EpochIterator | None = None
         self._pending_resume: dict | None = None
+        self.oom_recovery = bool(oom_recovery)
+        self.check_inputs = bool(check_inputs)
+        self.oom_events: list[dict] = []
+        self.microbatch_size: int | None = None
+        self._micro_var: tf.Variable | None = None
+        self._simulated_oom_above: int | None = None
+        if microbatch_size is not None:
+            self._set_microbatch(int(microbatch_size))
         self._rebuildable_checked = False
 
     # -- model and compile configuration -------------------------------------------------------------
@@ -265,6 +301,11 @@ class SafeTrainer:
     def step_method(self, kind: str) -> Callable:
         """The Python step to compile for `kind`: the trainer's override, else the model's, else ours."""
         name = f"{kind}_step"
+        if kind == "train" and self.microbatch_size is not None:
+            if self._has_custom("train_step"):
+                raise ConfigurationError("microbatching (microbatch_size=, or recovery from running out of memory) "
+                                         "needs SafeTrainer's own train_step; this model or trainer overrides it.")
+            return self._train_step_microbatched
         if getattr(type(self), name) is not getattr(SafeTrainer, name):
             return getattr(self, name)
         if getattr(type(self.model), name) is not getattr(TensorFlowTrainer, name):
@@ -324,12 +365,15 @@ class SafeTrainer:
 
     # -- actions policies ask for ---------------------------------------------------------------------
     def _counters(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "global_step": self._global_step, "data_seed": self.data_seed}
+        return {"epoch": self.epoch, "global_step": self._global_step, "data_seed": self.data_seed,
+                "microbatch_size": self.microbatch_size}
 
     def _set_counters(self, counters: Mapping[str, Any]) -> None:
         self.epoch = counters["epoch"]
         self._global_step = counters["global_step"]
         self.data_seed = counters["data_seed"]
+        if counters.get("microbatch_size") and counters["microbatch_size"] != self.microbatch_size:
+            self._set_microbatch(int(counters["microbatch_size"]))
         if self._train_batches is not None and self.data_seed is not None:
             self._train_batches.seed = self.data_seed
 
@@ -436,16 +480,115 @@ class SafeTrainer:
         with tf.GradientTape() as tape:
             y_pred = self._forward(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            self._track_loss(loss, x)
-            if model.optimizer is not None:
-                loss = model.optimizer.scale_loss(loss)
+            loss = self._fault_point(loss, tf.shape(_first_tensor(x))[0])
+            scaled = model.optimizer.scale_loss(loss) if model.optimizer is not None else loss
         trainable = model.trainable_weights
-        if trainable:
-            gradients = tape.gradient(loss, trainable)
-            model.optimizer.apply_gradients(zip(gradients, trainable))
+        gradients = tape.gradient(scaled, trainable) if trainable else []
+        # Every state change waits for the whole forward and backward pass (TensorFlow orders stateful ops
+        # only per variable, so `iterations += 1` could otherwise run first): a step that fails part-way,
+        # e.g. out of memory, leaves nothing to undo. Keras tracks the loss before the gradient; same values.
+        with tf.control_dependencies([g for g in gradients if g is not None] + [loss]):
+            if trainable:
+                model.optimizer.apply_gradients(zip(gradients, trainable))
+            else:
+                warnings.warn("The model does not have any trainable weights.")
+            self._track_loss(loss, x)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _fault_point(self, loss, size):
+        if self._simulated_oom_above is None:
+            return loss
+        # Multiplied, not added: the gradients then depend on the check, so it runs before any update.
+        return loss * (1.0 + tf.cast(faults.check(size, self._simulated_oom_above), loss.dtype))
+
+    def _set_microbatch(self, size: int) -> None:
+        """Use microbatches of `size` samples from the next step on (the first time: rebuild the train step)."""
+        if self._micro_var is None:
+            self._micro_var = tf.Variable(size, dtype=tf.int32, trainable=False, name="safetrain_microbatch")
         else:
-            warnings.warn("The model does not have any trainable weights.")
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            self._micro_var.assign(size)
+        if self.microbatch_size is None:
+            self.steps.reset_kind("train")
+        self.microbatch_size = size
+
+    def _train_step_microbatched(self, data) -> dict:
+        """`train_step` on microbatches: gradients of each slice, weighted by its share of the batch, summed
+        into one optimizer update; metrics then see the whole batch, as in the one-piece step."""
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = tf.shape(_first_tensor(x))[0]
+        size = tf.minimum(self._micro_var.read_value(), batch)
+        count = (batch + size - 1) // size
+        trainable = model.trainable_weights
+
+        def piece(i):
+            start = i * size
+            length = tf.minimum(size, batch - start)
+            cut = lambda t: None if t is None else t[start:start + length]  # noqa: E731
+            xs, ys, sws = (tree.map_structure(cut, v) if v is not None else None for v in (x, y, sample_weight))
+            with tf.GradientTape() as tape:
+                y_pred = self._forward(xs, training=True)
+                loss = self.compute_loss(x=xs, y=ys, y_pred=y_pred, sample_weight=sws, training=True)
+                loss = self._fault_point(loss, length)
+                share = loss * tf.cast(length, loss.dtype) / tf.cast(batch, loss.dtype)
+                scaled = model.optimizer.scale_loss(share)
+            return share, tape.gradient(scaled, trainable), y_pred
+
+        loss, grads, y_pred = piece(tf.constant(0))
+        connected = [g is not None for g in grads]
+        arrays = tree.map_structure(
+            lambda t: tf.TensorArray(t.dtype, size=count, infer_shape=False, element_shape=[None] + t.shape[1:])
+            .write(0, t), y_pred)
+
+        def body(i, loss, grads, arrays):
+            share, g, y_pred = piece(i)
+            grads = [a + b for a, b in zip(grads, (gi for gi, c in zip(g, connected) if c))]
+            arrays = tree.map_structure(lambda a, t: a.write(i, t), arrays, y_pred)
+            return i + 1, loss + share, grads, arrays
+
+        _, loss, summed, arrays = tf.while_loop(
+            lambda i, *_: i < count, body, (tf.constant(1), loss, [g for g in grads if g is not None], arrays))
+        summed = list(summed)
+        y_pred = tree.map_structure(lambda a, t: tf.ensure_shape(a.concat(), [None] + t.shape[1:]), arrays, y_pred)
+        with tf.control_dependencies(summed + [loss]):  # as in train_step: no state changes before this
+            parts = iter(summed)
+            model.optimizer.apply_gradients(zip([next(parts) if c else None for c in connected], trainable))
+            self._track_loss(loss, x)
+            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _recover_from_oom(self, epochs: data_module.EpochIterator, iterations_before: int, error) -> tuple:
+        """A chunk ran out of memory: keep the steps it completed, retry the failed batch in halving
+        microbatches, keep the size that fits. Returns `(steps, outputs)` as a chunk would."""
+        if self._has_custom("train_step") and self.microbatch_size is None:
+            raise OutOfMemory("A training step ran out of memory, and it cannot be split into microbatches "
+                              "because the model or trainer overrides train_step; use a smaller batch_size.") \
+                from error
+        completed = int(self.model.optimizer.iterations) - iterations_before
+        epochs.advance(completed, completed)
+        epochs.reposition()  # the failed batch is next again
+        batch = epochs.iterator.get_next()
+        size = int(tf.shape(_first_tensor(keras.utils.unpack_x_y_sample_weight(batch)[0]))[0])
+        old = self.microbatch_size or size
+        step = epochs.steps_done
+        new = min(old, size) // 2
+        while True:
+            if new < 1:
+                raise OutOfMemory(f"Out of memory at epoch index {self.epoch}, batch {step}, even with microbatches "
+                                  f"of 1 sample (batch of {size}); the model does not fit.") from error
+            self._set_microbatch(new)
+            try:
+                outputs = self.steps.run_step("train", batch, epochs.element_spec)
+                break
+            except tf.errors.ResourceExhaustedError:
+                new //= 2
+        event = {"epoch": self.epoch, "step": step, "global_step": self._global_step + completed + 1,
+                 "batch_size": size, "old_microbatch_size": old, "new_microbatch_size": new}
+        self.oom_events.append(event)
+        warnings.warn(f"Out of memory at epoch index {self.epoch}, batch {step} (a batch of {size}): retried in "
+                      f"microbatches of {new} (was {old}); keeping that size for the rest of the run.",
+                      OutOfMemoryWarning, stacklevel=3)
+        epochs.advance(1, 1)
+        return completed + 1, outputs
 
     def test_step(self, data) -> dict:
         """Loss and metrics of one batch, without training."""
@@ -477,6 +620,9 @@ class SafeTrainer:
         begin_hook = getattr(callbacks, f"on_{kind}_batch_begin")
         end_hook = getattr(callbacks, f"on_{kind}_batch_end")
         batch_policies = kind == "train" and self.policies.wants_batches
+        watch_nonfinite = kind == "train" and self.steps.stop_on_nonfinite
+        counting = kind == "train" and getattr(self.model, "optimizer", None) is not None
+        recover = counting and self.oom_recovery
         logs = None
         while True:
             remaining = epochs.remaining()
@@ -488,9 +634,22 @@ class SafeTrainer:
             if batch_hooks:
                 begin_hook(step)
             t0 = time.perf_counter()
-            ran, outputs = self.steps.run(kind, epochs.iterator, n, epochs.element_spec)
-            chunks.observe(ran, n, time.perf_counter() - t0)
-            epochs.advance(ran, n)
+            before = int(self.model.optimizer.iterations) if counting else None
+            try:
+                ran, outputs = self.steps.run(kind, epochs.iterator, n, epochs.element_spec)
+            except tf.errors.ResourceExhaustedError as error:
+                if not recover:
+                    raise
+                ran, outputs = self._recover_from_oom(epochs, before, error)
+                n, nonfinite = ran, watch_nonfinite and not _all_finite(outputs)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.FailedPreconditionError,
+                    tf.errors.CancelledError) as error:
+                raise self._step_error(kind, epochs, before, n, error) from error
+            else:
+                chunks.observe(ran, n, time.perf_counter() - t0)
+                # A chunk cut short by a non-finite loss did not run out of data.
+                nonfinite = watch_nonfinite and ran > 0 and not _all_finite(outputs)
+                epochs.advance(ran, ran if nonfinite else n)
             if ran:
                 last = step + ran - 1
                 if kind == "predict":
@@ -505,6 +664,9 @@ class SafeTrainer:
                     getattr(progress, f"on_{kind}_batch_end")(last, logs)
                 if kind == "train":
                     self._global_step += ran
+                    if nonfinite:
+                        self.policies.on_nonfinite_loss(self, self.epoch, last, pythonify_logs(logs))
+                        break
                     if batch_policies:
                         self.policies.on_batch_end(self, self._global_step)
             if ran < n:
@@ -516,6 +678,29 @@ class SafeTrainer:
             if kind == "predict" and getattr(self.model, "stop_predicting", False):
                 break
         return logs
+
+    def _check_data(self, batches: data_module.Batches, x, y, sample_weight, what: str) -> None:
+        """Refuse, before any step, data that does not fit the model (see `safetrain.checks`)."""
+        x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(batches.element_spec)
+        checks.check_against_model(self.model, x_spec, what)
+        if batches.kind == "arrays":
+            checks.check_sparse_labels(self.model, y, what)
+            if self.check_inputs:
+                checks.check_finite_arrays({"x": x, "y": y, "sample_weight": sample_weight}, what,
+                                           batches.batch_size if not batches.shuffle else None)
+
+    def _step_error(self, kind: str, epochs: data_module.EpochIterator, iterations_before: int | None,
+                    n: int, error: Exception) -> Exception:
+        """A step failed on its data: say where (epoch, batch) and why, keeping the original as the cause."""
+        start = epochs.steps_done
+        if kind == "train" and iterations_before is not None:
+            where = f"batch {start + int(self.model.optimizer.iterations) - iterations_before}"
+        else:
+            where = f"batch {start}" if n == 1 else f"batches {start}-{start + n - 1}"
+        cause = _error_line(str(getattr(error, "message", error))) or type(error).__name__
+        what = {"train": "fit", "test": "evaluate", "predict": "predict"}[kind]
+        epoch = f"epoch index {self.epoch}, " if kind == "train" else ""
+        return checks.DataError(f"{what}: {epoch}{where} failed: {cause}")
 
     def _metrics_or_logs(self, logs) -> dict:
         """Epoch logs: the model's metric results when the step returned them (as Keras does), else the
@@ -560,12 +745,14 @@ class SafeTrainer:
                                                                                  validation_split)
         train = self._batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
                               class_weight=class_weight, steps=steps_per_epoch, what="fit")
+        self._check_data(train, x, y, sample_weight, "fit")
         val = None
         if validation_data is not None:
             vx, vy, vsw = data_module.unpack_validation_data(validation_data)
             val = data_module.as_batches(vx, vy, vsw, batch_size=validation_batch_size or (
                 batch_size if data_module.kind_of(vx) == "arrays" else None), shuffle=False,
                 steps=validation_steps, what="fit (validation_data)")
+            self._check_data(val, vx, vy, vsw, "fit (validation_data)")
         self._build(train.element_spec)
         self._train_spec = train.element_spec
         self._train_batches = train
@@ -622,6 +809,8 @@ class SafeTrainer:
                     val_logs = self._test_pass(val, validation_steps, callbacks, test_hooks, test_chunks, None)
                     epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
                 epoch_logs = pythonify_logs(epoch_logs)
+                if self.microbatch_size is not None:
+                    epoch_logs["microbatch_size"] = self.microbatch_size
                 sample = memory.sample(epoch, self.trace_counts)
                 self.memory.append(sample)
                 if self.memory_logs:
@@ -703,6 +892,7 @@ class SafeTrainer:
         self._require_training_config("evaluate")
         batches = data_module.as_batches(x, y, sample_weight, batch_size=batch_size, shuffle=False,
                                          steps=steps, what="evaluate")
+        self._check_data(batches, x, y, sample_weight, "evaluate")
         self._build(batches.element_spec)
         callbacks = CallbackList(callbacks, add_progbar=False, verbose=verbose, epochs=1,
                                  steps=steps or batches.num_batches, model=self.model)

@@ -5,6 +5,8 @@ Environment switches (test-only, set by the parent test):
                                    CKPT_DIR/../writing holding the write's number meanwhile (so that a
                                    kill can land mid-write)
     NO_CHECKPOINT=1                train without the Checkpoint policy (the uninterrupted reference)
+    RESTART_OVER_MB=mib            add MemoryBudget(mib, action="restart"): re-exec after every epoch whose
+                                   end finds RSS over that
 """
 
 import json
@@ -18,7 +20,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import safetrain.checkpoint as checkpoint_module  # noqa: E402
-from safetrain import Checkpoint, SafeTrainer  # noqa: E402
+from safetrain import Checkpoint, MemoryBudget, SafeTrainer  # noqa: E402
 
 out_path, ckpt_dir = sys.argv[1], sys.argv[2]
 delay = float(os.environ.get("SLOW_CHECKPOINT_WRITE", "0"))
@@ -55,6 +57,8 @@ model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="
                           keras.layers.Dense(1)])
 model.compile(optimizer="adam", loss="mse", metrics=["mae"])
 policies = [] if os.environ.get("NO_CHECKPOINT") else [Checkpoint(ckpt_dir, every_n_batches=7, keep=2)]
+if os.environ.get("RESTART_OVER_MB"):
+    policies.append(MemoryBudget(float(os.environ["RESTART_OVER_MB"]), action="restart"))
 trainer = SafeTrainer(model, policies=policies)
 
 
@@ -72,6 +76,8 @@ result = {
     "weights": [w.tolist() for w in trainer.model.get_weights()],
     "iterations": int(trainer.model.optimizer.iterations),
     "resumed_from": policies[0].resumed_from if policies else None,
+    "restarts": int(os.environ.get("SAFETRAIN_RESTARTS", "0")),
+    "pid": os.getpid(),
 }
 with open(out_path, "w") as f:
     json.dump(result, f)

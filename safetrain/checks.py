@@ -1,0 +1,126 @@
+"""Checks of the data against the model, run before any step; and the errors for data that fails mid-run.
+
+`data.py` validates inputs on their own (lengths, batch sizes, types); what needs the model lives here: do
+the inputs' shapes and dtypes fit the model's inputs, are sparse labels within the model's classes, are the
+inputs finite (with `check_inputs=True`). A data error during a step (a generator that raises, a label out of
+range in a dataset, a NaN caught by `check_inputs`) becomes a `DataError` that names the epoch and batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from keras import tree
+
+from safetrain.errors import SafetrainError
+
+__all__ = ["DataError", "check_against_model", "check_sparse_labels", "check_finite_arrays", "finite_guard"]
+
+
+class DataError(SafetrainError, ValueError):
+    """The data failed during a step (the message names the epoch and batch; the cause is chained)."""
+
+
+def _model_inputs(model):
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is None:
+        functional = getattr(model, "_functional", None)
+        struct = getattr(functional, "_inputs_struct", None)
+    return struct
+
+
+def _shape(spec) -> str:
+    return str(tuple(spec.shape.as_list())) if spec.shape.rank is not None else "(unknown rank)"
+
+
+def check_against_model(model, x_spec, what: str) -> None:
+    """`x`'s element spec against the model's declared inputs (functional and Sequential models).
+
+    Raises `ValueError` naming the input, the shape or dtype received and the one expected.
+    """
+    expected = _model_inputs(model)
+    if expected is None or x_spec is None:
+        return
+    if isinstance(expected, dict) and isinstance(x_spec, dict):
+        missing = sorted(set(expected) - set(x_spec))
+        if missing:
+            raise ValueError(f"{what}: `x` has no input named {', '.join(map(repr, missing))}; the model's inputs are "
+                             f"{sorted(expected)} and `x` gives {sorted(x_spec)}.")
+        pairs = [(f"x[{k!r}]", x_spec[k], expected[k]) for k in expected]
+    else:
+        flat_expected = tree.flatten(expected)
+        flat_x = tree.flatten(x_spec)
+        if len(flat_expected) != len(flat_x):
+            raise ValueError(f"{what}: the model takes {len(flat_expected)} input(s) but `x` gives {len(flat_x)}.")
+        names = ["x"] if len(flat_x) == 1 else [f"x[{i}]" for i in range(len(flat_x))]
+        pairs = list(zip(names, flat_x, flat_expected))
+    for name, got, want in pairs:
+        if not isinstance(got, tf.TensorSpec):
+            continue
+        want_shape = tuple(want.shape)
+        got_shape = got.shape.as_list() if got.shape.rank is not None else None
+        if got_shape is not None and (len(got_shape) != len(want_shape) or any(
+                w is not None and g is not None and w != g for g, w in zip(got_shape[1:], want_shape[1:]))):
+            raise ValueError(f"{what}: `{name}` has shape {_shape(got)} per batch, but the model expects "
+                             f"{tuple(want_shape)} (the first dimension is the batch).")
+        if (got.dtype == tf.string) != (str(want.dtype) == "string"):
+            raise TypeError(f"{what}: `{name}` has dtype {got.dtype.name}, but the model's input "
+                            f"{getattr(want, 'name', '')!r} expects {want.dtype}.")
+
+
+def _sparse_loss(loss) -> bool:
+    import keras
+
+    if isinstance(loss, str):
+        return loss in ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy")
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return True
+    return getattr(loss, "__name__", "") == "sparse_categorical_crossentropy"
+
+
+def check_sparse_labels(model, y, what: str) -> None:
+    """For a single-output model compiled with a sparse categorical loss: every label in `[0, classes)`."""
+    if y is None or tree.is_nested(y) or not _sparse_loss(getattr(model, "loss", None)):
+        return
+    outputs = getattr(model, "outputs", None)
+    if not outputs or len(outputs) != 1 or outputs[0].shape[-1] is None:
+        return
+    classes = int(outputs[0].shape[-1])
+    labels = np.asarray(y)
+    if not np.issubdtype(labels.dtype, np.number) or labels.size == 0:
+        return
+    bad = np.flatnonzero((labels.reshape(len(labels), -1) < 0).any(axis=1) |
+                         (labels.reshape(len(labels), -1) >= classes).any(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{what}: `y` holds labels outside [0, {classes}) for the model's {classes} classes: "
+                         f"sample {i} has label {labels[i].tolist()} ({bad.size} such sample(s)). Sparse "
+                         "categorical losses expect class indices.")
+
+
+def check_finite_arrays(arrays: dict, what: str, batch_size: int | None = None) -> None:
+    """`check_inputs=True` with arrays: raise naming the argument and the first sample with NaN or Inf."""
+    for name, value in arrays.items():
+        for leaf in tree.flatten(value):
+            if leaf is None:
+                continue
+            a = np.asarray(leaf)
+            if not np.issubdtype(a.dtype, np.floating):
+                continue
+            bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
+            if bad.size:
+                i = int(bad[0])
+                where = f" (batch {i // batch_size} without shuffling)" if batch_size else ""
+                raise ValueError(f"{what}: `{name}` contains NaN or Inf: sample {i}{where}, "
+                                 f"{bad.size} sample(s) in all (check_inputs=True).")
+
+
+def finite_guard(data):
+    """Inside a step (`check_inputs=True`): fail on NaN/Inf in any float input, naming which input."""
+    flat = tree.flatten(data)
+    checked = []
+    for i, t in enumerate(flat):
+        if isinstance(t, tf.Tensor) and t.dtype.is_floating:
+            t = tf.debugging.check_numerics(t, f"check_inputs: element {i} of the batch contains NaN or Inf")
+        checked.append(t)
+    return tree.pack_sequence_as(data, checked)
