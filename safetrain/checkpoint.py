@@ -1,7 +1,8 @@
 """Checkpoints on disk: atomic, checksummed, pruned; the policy that writes them lives in `policies.py`.
 
-A checkpoint is a directory `ckpt-<global step>` holding `state.npz` (every variable value a `Snapshot` holds)
-and `meta.json` (counters, data position, History, the model's signature and the SHA-256 of `state.npz`).
+A checkpoint is a directory `ckpt-<global step>` holding `state.bin` (every variable value a `Snapshot` holds,
+raw, one after the other) and `meta.json` (where each array lies in `state.bin`, its CRC-32 and size, and the
+counters, data position, History and the model's signature).
 It is written as `.tmp-*` beside the previous ones, every file fsynced, then renamed into place (an atomic
 rename on POSIX) and the folder fsynced; older checkpoints are removed only after that. A process killed at
 any moment leaves either the previous checkpoint or the new one, plus at most a `.tmp-*` folder that the
@@ -14,12 +15,11 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
 import warnings
+import zlib
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from safetrain.errors import SafetrainError
 __all__ = ["write", "latest", "prune", "list_checkpoints", "CheckpointCorrupt", "CheckpointMismatch",
            "CheckpointWarning", "FORMAT"]
 
-FORMAT = "safetrain-checkpoint-1"
+FORMAT = "safetrain-checkpoint-2"
 PREFIX = "ckpt-"
 
 
@@ -60,10 +60,33 @@ def _write_file(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _encode(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+def _encode(arrays: dict[str, np.ndarray]) -> tuple[list[memoryview], list[dict]]:
+    """The arrays' raw bytes, in order, and where each will lie in `state.bin`."""
+    chunks, index, offset = [], [], 0
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        shape = list(value.shape)  # ascontiguousarray makes 0-d arrays 1-d: keep the real shape
+        value = np.ascontiguousarray(value)
+        if value.dtype == object:
+            raise TypeError(f"checkpoint array {name!r} has dtype object")
+        chunks.append(memoryview(value).cast("B"))
+        index.append({"name": name, "dtype": value.dtype.str, "shape": shape, "offset": offset,
+                      "nbytes": value.nbytes})
+        offset += value.nbytes
+    return chunks, index
+
+
+def _write_state(path: str, chunks: list) -> tuple[int, int]:
+    """Write chunks to `path`, fsynced; returns (bytes, CRC-32)."""
+    crc, size = 0, 0
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return size, crc
 
 
 def write(directory: str, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
@@ -80,10 +103,9 @@ def write(directory: str, name: str, arrays: dict[str, np.ndarray], meta: dict[s
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.mkdir(tmp)
-        state = _encode(arrays)
-        _write_file(os.path.join(tmp, "state.npz"), state)
-        full_meta = dict(meta, format=FORMAT, state_sha256=hashlib.sha256(state).hexdigest(),
-                         state_bytes=len(state))
+        chunks, index = _encode(arrays)
+        size, crc = _write_state(os.path.join(tmp, "state.bin"), chunks)
+        full_meta = dict(meta, format=FORMAT, arrays=index, state_crc32=crc, state_bytes=size)
         _write_file(os.path.join(tmp, "meta.json"), json.dumps(full_meta).encode())
         _fsync_dir(tmp)
         os.rename(tmp, final)
@@ -107,17 +129,19 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     try:
         with open(os.path.join(path, "meta.json"), "rb") as f:
             meta = json.loads(f.read())
-        with open(os.path.join(path, "state.npz"), "rb") as f:
+        with open(os.path.join(path, "state.bin"), "rb") as f:
             state = f.read()
     except (OSError, ValueError) as e:
         raise CheckpointCorrupt(f"{path}: cannot read ({type(e).__name__}: {e})") from e
     if meta.get("format") != FORMAT:
         raise CheckpointCorrupt(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
-    if len(state) != meta.get("state_bytes") or hashlib.sha256(state).hexdigest() != meta.get("state_sha256"):
-        raise CheckpointCorrupt(f"{path}: state.npz is {len(state)} bytes and fails its SHA-256 check "
+    if len(state) != meta.get("state_bytes") or zlib.crc32(state) != meta.get("state_crc32"):
+        raise CheckpointCorrupt(f"{path}: state.bin is {len(state)} bytes and fails its CRC-32 check "
                                 f"(expected {meta.get('state_bytes')} bytes): truncated or corrupted")
-    with np.load(io.BytesIO(state), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    arrays = {}
+    for entry in meta["arrays"]:
+        raw = state[entry["offset"]:entry["offset"] + entry["nbytes"]]
+        arrays[entry["name"]] = np.frombuffer(raw, dtype=np.dtype(entry["dtype"])).reshape(entry["shape"]).copy()
     return arrays, meta
 
 

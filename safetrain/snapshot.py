@@ -114,7 +114,8 @@ def signature(model: keras.Model) -> dict[str, list]:
 
 
 def _values(variables) -> list[np.ndarray]:
-    return [np.array(v.numpy(), copy=True) for v in variables]
+    # `numpy()` of a variable reads it into a new buffer: a copy that later updates do not touch.
+    return [np.asarray(v.numpy()) for v in variables]
 
 
 def _assign(what: str, variables, values: list[np.ndarray]) -> None:
@@ -144,24 +145,28 @@ class Snapshot:
     custom_objects: dict[str, Any]
 
     @classmethod
-    def take(cls, trainer) -> "Snapshot":
-        """Capture the trainer's model, optimizer, metrics, RNG state and counters (copies, not references)."""
+    def take(cls, trainer, structure: bool = True) -> "Snapshot":
+        """Capture the trainer's model, optimizer, metrics, RNG state and counters (copies, not references).
+
+        `structure=False` captures values only (what a checkpoint needs: the process that loads it builds
+        the model with its own code), which skips serializing the config and compile arguments.
+        """
         model = trainer.model
         if not model.built:
             raise ConfigurationError("Snapshot.take: the model is not built yet; train or build it first.")
-        structure = None
-        if trainer._factory is None:
-            structure = keras.saving.serialize_keras_object(model)
-            structure = {k: v for k, v in structure.items() if k != "compile_config"}
+        config = None
+        if structure and trainer._factory is None:
+            config = keras.saving.serialize_keras_object(model)
+            config = {k: v for k, v in config.items() if k != "compile_config"}
         compile_args = {}
-        if model.compiled:
-            config = dict(model._compile_config.config)
-            compile_args = {k: _recipe(config.get(k)) for k in ("loss", "loss_weights", "metrics", "weighted_metrics")}
+        if structure and model.compiled:
+            given = dict(model._compile_config.config)
+            compile_args = {k: _recipe(given.get(k)) for k in ("loss", "loss_weights", "metrics", "weighted_metrics")}
             compile_args["optimizer"] = _recipe(model.optimizer)
         generator = _global_state().get_global_attribute(_GLOBAL_SEED_GENERATOR)
         optimizer = model.optimizer if model.compiled else None
         return cls(
-            structure=structure,
+            structure=config,
             factory=trainer._factory,
             compile_args=compile_args,
             element_spec=trainer._train_spec,

@@ -380,7 +380,7 @@ class SafeTrainer:
     def training_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Everything a checkpoint holds: every variable value (as arrays) and, as JSON-able metadata, the
         counters, the data position, the History so far and the model's signature."""
-        snapshot = Snapshot.take(self)
+        snapshot = Snapshot.take(self, structure=False)
         history = self._callbacks._history if self._callbacks is not None else None
         meta = {
             "counters": snapshot.counters,

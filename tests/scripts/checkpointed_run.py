@@ -1,9 +1,11 @@
 """A training run with Checkpoint, for kill-and-resume tests: `python checkpointed_run.py OUT_JSON CKPT_DIR`.
 
 Environment switches (test-only, set by the parent test):
-    SLOW_CHECKPOINT_WRITE=seconds  pause this long half-way through writing each state.npz, with the file
+    SLOW_CHECKPOINT_WRITE=seconds  pause this long half-way through writing each state.bin, with the file
                                    CKPT_DIR/../writing holding the write's number meanwhile (so that a
                                    kill can land mid-write)
+The script creates CKPT_DIR/../started when training begins (after TensorFlow's import and the build), so
+that a parent can time a kill from there.
     NO_CHECKPOINT=1                train without the Checkpoint policy (the uninterrupted reference)
     RESTART_OVER_MB=mib            add MemoryBudget(mib, action="restart"): re-exec after every epoch whose
                                    end finds RSS over that
@@ -13,6 +15,7 @@ import json
 import os
 import sys
 import time
+import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,18 +27,16 @@ from safetrain import Checkpoint, MemoryBudget, SafeTrainer  # noqa: E402
 
 out_path, ckpt_dir = sys.argv[1], sys.argv[2]
 delay = float(os.environ.get("SLOW_CHECKPOINT_WRITE", "0"))
+folder = os.path.dirname(ckpt_dir.rstrip("/"))
 if delay:
-    marker = os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "writing")
-    original = checkpoint_module._write_file
-
+    marker = os.path.join(folder, "writing")
     writes = {"n": 0}
 
-    def slow_write(path, data):
-        if not path.endswith("state.npz"):
-            return original(path, data)
+    def slow_write_state(path, chunks):
         writes["n"] += 1
         with open(marker, "w") as f:  # the parent reads which write this is
             f.write(str(writes["n"]))
+        data = b"".join(bytes(c) for c in chunks)
         half = len(data) // 2
         with open(path, "wb") as f:  # write half, pause, write the rest: a kill here truncates the file
             f.write(data[:half])
@@ -45,8 +46,9 @@ if delay:
             f.flush()
             os.fsync(f.fileno())
         os.remove(marker)
+        return len(data), zlib.crc32(data)
 
-    checkpoint_module._write_file = slow_write
+    checkpoint_module._write_state = slow_write_state
 
 rng = np.random.default_rng(0)
 x = rng.standard_normal((480, 8)).astype("float32")
@@ -63,10 +65,13 @@ trainer = SafeTrainer(model, policies=policies)
 
 
 class Slow(keras.callbacks.Callback):
-    """Stretch each epoch a little so that a kill can land anywhere in it."""
+    """Mark the start of training, and stretch each epoch so that a kill can land anywhere in it."""
+
+    def on_train_begin(self, logs=None):
+        open(os.path.join(folder, "started"), "w").close()
 
     def on_epoch_end(self, epoch, logs=None):
-        time.sleep(0.05)
+        time.sleep(0.2)
 
 
 history = trainer.fit(x, y, batch_size=16, epochs=6, validation_split=0.25, verbose=0, callbacks=[Slow()])
