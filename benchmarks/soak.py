@@ -22,13 +22,13 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "scripts", "checkpointed_run.py")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from scripts.killer import run_script  # noqa: E402  (the same kill-and-restart runner the tests use)
 
 
 def soak(epochs: int, workdir: str) -> dict:
@@ -129,39 +129,10 @@ def overhead(runs: int, epochs: int, workdir: str) -> dict:
                 runs=runs)
 
 
-def _run_script(out, ckpt_dir, env_extra=None, kill_after=None, kill_at_write=None, timeout=300) -> int:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env_extra or {}))
-    proc = subprocess.Popen([sys.executable, SCRIPT, out, ckpt_dir], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    marker = os.path.join(os.path.dirname(ckpt_dir), "writing")
-    started = os.path.join(os.path.dirname(ckpt_dir), "started")
-    if os.path.exists(started):
-        os.remove(started)
-    start, began = time.monotonic(), None
-    while proc.poll() is None and time.monotonic() - start < timeout:
-        if began is None and os.path.exists(started):
-            began = time.monotonic()
-        writing = 0
-        if kill_at_write and os.path.exists(marker):
-            try:
-                writing = int(open(marker).read() or 0)
-            except (OSError, ValueError):
-                writing = 0
-        trained = time.monotonic() - began if began is not None else -1.0
-        if (kill_after is not None and trained >= kill_after) or (kill_at_write and writing >= kill_at_write):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=timeout)
-    if os.path.exists(marker):
-        os.remove(marker)
-    return proc.returncode
-
-
 def trials(count: int, workdir: str, seed: int = 0) -> dict:
     ref_dir = os.path.join(workdir, "reference")
     os.makedirs(ref_dir)
-    assert _run_script(os.path.join(ref_dir, "out.json"), os.path.join(ref_dir, "ckpt"), {"NO_CHECKPOINT": "1"}) == 0
+    assert run_script(os.path.join(ref_dir, "out.json"), os.path.join(ref_dir, "ckpt"), {"NO_CHECKPOINT": "1"}) == 0
     reference = json.load(open(os.path.join(ref_dir, "out.json")))
     rng = random.Random(seed)
     outcomes = []
@@ -172,9 +143,9 @@ def trials(count: int, workdir: str, seed: int = 0) -> dict:
         mid_write = i % 3 == 2
         env = {"SLOW_CHECKPOINT_WRITE": "0.3"} if mid_write else {}
         kill = dict(kill_at_write=rng.randint(2, 6)) if mid_write else dict(kill_after=rng.uniform(0.05, 1.1))
-        codes = [_run_script(out, ckpt_dir, env, **kill)]
+        codes = [run_script(out, ckpt_dir, env, **kill)]
         while codes[-1] != 0 and len(codes) < 10:
-            codes.append(_run_script(out, ckpt_dir, env))
+            codes.append(run_script(out, ckpt_dir, env))
         result = json.load(open(out)) if codes[-1] == 0 else None
         identical = result is not None and all(result[k] == reference[k]
                                                for k in ("history", "epochs", "weights", "iterations"))

@@ -1,5 +1,6 @@
 """Shared fixtures: small models and data, built per test with a fixed seed (TensorFlow is imported once)."""
 
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,7 +22,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_session():
-    keras.backend.clear_session()
+    # Without the full gc.collect() clear_session would run (0.13 s a test): SafeTrainer collects when a
+    # new trainer starts, and tests that count objects collect themselves.
+    keras.backend.clear_session(free_memory=False)
     yield
 
 
@@ -89,3 +92,16 @@ def assert_same_training(keras_model, keras_history, safe_model, safe_history):
     for a, b in zip(keras_model.get_weights(), safe_model.get_weights()):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
     assert int(safe_model.optimizer.iterations) == int(keras_model.optimizer.iterations)
+
+
+# -- real processes: tests/scripts/checkpointed_run.py, killed and restarted ----------------------------
+
+from scripts.killer import SCRIPT, run_script  # noqa: E402,F401 (shared with benchmarks/soak.py)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted run of checkpointed_run.py that killed and restarted runs must match."""
+    tmp = tmp_path_factory.mktemp("reference")
+    assert run_script(tmp / "out.json", tmp / "ckpt", {"NO_CHECKPOINT": "1"}) == 0
+    return json.loads((tmp / "out.json").read_text())

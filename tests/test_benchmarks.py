@@ -11,13 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "t.json"
     result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--problems", "mlp", "--reps", "1",
-                             "--epochs", "2", "--samples", "640", "--json", str(out)],
+                             "--epochs", "2", "--samples", "320", "--variants", "fit,safe,floor", "--json", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| mlp | safe/fit |" in result.stdout
+    assert "| mlp | safe/fit |" in result.stdout and "| mlp | safe/floor |" in result.stdout
     data = json.loads(out.read_text())
-    assert set(data["results"][0]["median"]) == {"fit", "safe", "fit_spe", "safe_spe", "safe_verbose1", "floor"}
+    assert set(data["results"][0]["median"]) == {"fit", "safe", "floor"}
 
 
 def test_memory_benchmark_times_rehydration(tmp_path):
@@ -26,3 +26,13 @@ def test_memory_benchmark_times_rehydration(tmp_path):
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Re-hydration of a 1,050,625-parameter model: median" in result.stdout
+
+
+def test_soak_benchmark_runs(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/soak.py", "--epochs", "12", "--overhead-runs", "0",
+                             "--trials", "0", "--json", str(tmp_path / "s.json")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["soak"]["epochs"] == 12 and data["soak"]["rehydrations"] == 1
+    assert data["soak"]["most_folders"] <= 2

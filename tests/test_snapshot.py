@@ -79,9 +79,9 @@ def factory_built():
     return model
 
 
-def run(build, policies, use_factory=False, **fit_kwargs):
+def run(build, policies, use_factory=False, epochs=4, **fit_kwargs):
     trainer = SafeTrainer(build if use_factory else build(), policies=policies)
-    history = trainer.fit(x, y, batch_size=16, epochs=4, validation_split=0.2, verbose=0, **fit_kwargs)
+    history = trainer.fit(x, y, batch_size=16, epochs=epochs, validation_split=0.2, verbose=0, **fit_kwargs)
     return trainer, history.history
 
 
@@ -246,10 +246,10 @@ def test_models_trained_in_a_loop_leave_no_graphs_behind():
 def test_rehydrating_mid_epoch_keeps_metric_state_and_data_position():
     from safetrain import MemoryBudget
 
-    plain = run(sequential, [])
+    plain = run(sequential, [], epochs=2)
     # A budget of 1 MiB is always exceeded: re-hydrate every 3 steps, in the middle of epochs.
     budget = MemoryBudget(1.0, action="rehydrate", check_every=3)
-    trainer, history = run(sequential, [budget])
+    trainer, history = run(sequential, [budget], epochs=2)
     assert trainer.rehydrations > 4 and any(e[0] == "step" for e in budget.events)
     for key in plain[1]:
         if key != "rss_mb":
