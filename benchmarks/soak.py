@@ -87,22 +87,10 @@ def overhead(runs: int, epochs: int, workdir: str) -> dict:
         m.compile(optimizer="adam", loss="mse")
         return m
 
-    class Timer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.times.append(time.perf_counter() - self.t0)
-
     plain, with_ckpt, save_times = [], [], []
     params = None
     for run in range(runs):
         for variant in (("plain", "ckpt") if run % 2 == 0 else ("ckpt", "plain")):
-            timer = Timer()
             policies = []
             if variant == "ckpt":
                 directory = os.path.join(workdir, f"overhead-{run}")
@@ -110,14 +98,13 @@ def overhead(runs: int, epochs: int, workdir: str) -> dict:
             trainer = SafeTrainer(build(), policies=policies)
             params = trainer.model.count_params()
             # The checkpoint is written after on_epoch_end, so time whole epochs: end of one to end of next.
-            t_epochs = []
             ends = []
 
             class Ends(keras.callbacks.Callback):
                 def on_epoch_end(self, epoch, logs=None):
                     ends.append(time.perf_counter())
 
-            trainer.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=[timer, Ends()])
+            trainer.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=[Ends()])
             t_epochs = [b - a for a, b in zip(ends[1:-1], ends[2:])]  # drop the tracing epoch
             (with_ckpt if variant == "ckpt" else plain).append(statistics.median(t_epochs))
             if variant == "ckpt":
