@@ -28,13 +28,13 @@ from keras.src.utils.python_utils import pythonify_logs
 
 from safetrain import checks
 from safetrain import data as data_module
+from safetrain import faults
 from safetrain import hooks
 from safetrain import memory
-from safetrain import faults
+from safetrain.checkpoint import CheckpointMismatch
 from safetrain.errors import ConfigurationError, OutOfMemory, OutOfMemoryWarning
 from safetrain.policies import Policy, PolicyList
 from safetrain.progress import ProgressBar
-from safetrain.checkpoint import CheckpointMismatch
 from safetrain.snapshot import Snapshot, check_rebuildable
 from safetrain.snapshot import signature as snapshot_signature
 from safetrain.steps import ChunkSizer, StepFunctions

@@ -96,7 +96,7 @@ def assert_same_training(keras_model, keras_history, safe_model, safe_history):
 
 # -- real processes: tests/scripts/checkpointed_run.py, killed and restarted ----------------------------
 
-from scripts.killer import SCRIPT, run_script  # noqa: E402,F401 (shared with benchmarks/soak.py)
+from scripts.killer import run_script  # noqa: E402 (shared with benchmarks/soak.py)
 
 
 @pytest.fixture(scope="session")
