@@ -12,6 +12,8 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from safetrain import hooks  # noqa: E402
 from safetrain import faults  # noqa: E402
+from safetrain import distributed  # noqa: E402
+from safetrain.distributed import WorkerFailure  # noqa: E402
 from safetrain.errors import ConfigurationError, OutOfMemory, OutOfMemoryWarning, SafetrainError  # noqa: E402
 from safetrain.isolation import IsolatedProcessError, RemoteTraceback, run_isolated  # noqa: E402
 from safetrain.memory import MemoryLog, MemoryMonitor, MemorySample  # noqa: E402
@@ -41,6 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SafeTrainer",
+    "WorkerFailure",
+    "distributed",
     "Policy",
     "ResetStates",
     "ClearSession",

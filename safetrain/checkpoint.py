@@ -145,15 +145,16 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return arrays, meta
 
 
-def latest(directory: str) -> tuple[str, dict[str, np.ndarray], dict[str, Any]] | None:
+def latest(directory: str, clean: bool = True) -> tuple[str, dict[str, np.ndarray], dict[str, Any]] | None:
     """The newest checkpoint in `directory` that reads and verifies, or None.
 
-    Leftover `.tmp-*` folders (a write that was interrupted) are removed; a corrupt checkpoint is reported
-    with a `CheckpointWarning` and the previous one is used.
+    Leftover `.tmp-*` folders (a write that was interrupted) are removed unless `clean` is False (a worker
+    that only reads a directory the chief writes); a corrupt checkpoint is reported with a
+    `CheckpointWarning` and the previous one is used.
     """
     if not os.path.isdir(directory):
         return None
-    for name in os.listdir(directory):
+    for name in os.listdir(directory) if clean else ():
         if name.startswith(".tmp-"):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     for path in reversed(list_checkpoints(directory)):

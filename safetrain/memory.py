@@ -66,6 +66,8 @@ class MemorySample:
     device_peak_mb: float | None = None
     traces: Mapping[str, int] | None = None
     time: float = 0.0
+    # In a multi-worker run: each worker's RSS, in worker order (`rss_mb` is then their maximum).
+    worker_rss_mb: tuple[float, ...] | None = None
 
     def as_logs(self) -> dict[str, float]:
         """The keys this sample adds to Keras epoch logs (`rss_mb`, and `device_mb`/`device_peak_mb` on GPU)."""

@@ -18,12 +18,13 @@ import collections
 import ctypes
 import ctypes.util
 import gc
+import os
 import sys
 import warnings
 from typing import Iterable
 
 from safetrain import memory
-from safetrain.errors import SafetrainError
+from safetrain.errors import ConfigurationError, SafetrainError
 
 __all__ = ["Policy", "PolicyList", "ResetStates", "ClearSession", "GarbageCollect", "TrimMalloc", "MemoryBudget",
            "RetraceGuard", "LeakDetector", "Checkpoint", "StopOnNaN", "MemoryBudgetExceeded", "RetraceError",
@@ -133,7 +134,7 @@ class PolicyList:
     def on_batch_end(self, trainer, step: int) -> None:
         due = [p for p in self.policies if p.every_n_batches and step % p.every_n_batches == 0]
         if due:
-            sample = memory.sample(getattr(trainer, "epoch", None), trainer.trace_counts)
+            sample = trainer.sample_memory(getattr(trainer, "epoch", None))
             for p in due:
                 p.on_batch_end(trainer, step, sample)
 
@@ -283,11 +284,15 @@ class MemoryBudget(Policy):
         self._process_start_step: int | None = None
 
     def on_train_begin(self, trainer):
+        from safetrain import distributed
+
+        if self.action == "restart" and distributed.is_multi_worker(getattr(trainer, "strategy", None)):
+            raise ConfigurationError("MemoryBudget(action='restart') is not supported in a multi-worker run (the "
+                                     "workers would have to restart together); use action='rehydrate' or "
+                                     "'raise', or restart the job from its Checkpoint with your scheduler.")
         if self.action == "rehydrate":
             trainer.check_rehydratable()
         if self.action == "restart" and self._checkpoint(trainer) is None:
-            from safetrain.errors import ConfigurationError
-
             raise ConfigurationError("MemoryBudget(action='restart') needs a Checkpoint policy in the same "
                                      "trainer: the restarted process resumes from its checkpoint.")
 
@@ -315,8 +320,6 @@ class MemoryBudget(Policy):
                 f"({where}{'' if step is None else f' {step}'}, epoch {sample.epoch}).", trainer.memory, sample)
 
     def _restart(self, trainer, sample) -> None:
-        import os
-
         from safetrain.isolation import RESTARTS_ENV, restart_process
 
         restarts = int(os.environ.get(RESTARTS_ENV, "0"))
@@ -530,8 +533,6 @@ class Checkpoint(Policy):
 
     def __init__(self, directory: str, every_n_epochs: int | None = 1, every_n_batches: int | None = None,
                  keep: int = 2) -> None:
-        import os
-
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"`directory` must be a path, got {type(directory).__name__}.")
         self.directory = os.fspath(directory)
@@ -544,9 +545,21 @@ class Checkpoint(Policy):
         self.seconds = 0.0
 
     def on_train_begin(self, trainer):
-        from safetrain import checkpoint
+        from safetrain import checkpoint, distributed
 
-        found = checkpoint.latest(self.directory)
+        strategy = getattr(trainer, "strategy", None)
+        found = checkpoint.latest(self.directory, clean=distributed.is_chief(strategy))
+        if distributed.is_multi_worker(strategy):
+            # Every worker must resume from the same checkpoint, so the directory must be shared by all.
+            name = os.path.basename(found[0]) if found is not None else ""
+            step = float(name[len(checkpoint.PREFIX):]) if name.startswith(checkpoint.PREFIX) else -1.0
+            steps = distributed.per_worker_values(strategy, step)
+            if len(set(steps)) > 1:
+                seen = ", ".join(f"worker {i}: {'none' if s < 0 else f'step {int(s)}'}" for i, s in enumerate(steps))
+                raise ConfigurationError(
+                    f"Checkpoint: the workers see different checkpoints in {self.directory!r} ({seen}). In a "
+                    "multi-worker run only the chief writes checkpoints, so `directory` must be on storage "
+                    "that every worker reads (a shared filesystem or a bucket path).")
         if found is not None:
             path, arrays, meta = found
             trainer.resume(arrays, meta)
@@ -558,9 +571,14 @@ class Checkpoint(Policy):
 
         from safetrain import checkpoint
 
+        from safetrain import distributed
+
         t0 = time.perf_counter()
-        arrays, meta = trainer.training_state()
+        arrays, meta = trainer.training_state()  # on every worker: reading some variables is a collective
         name = f"{checkpoint.PREFIX}{trainer._global_step:012d}"
+        if not distributed.is_chief(getattr(trainer, "strategy", None)):
+            self.seconds += time.perf_counter() - t0
+            return None  # only the chief writes
         try:
             path = checkpoint.write(self.directory, name, arrays, meta)
             checkpoint.prune(self.directory, self.keep)

@@ -104,6 +104,22 @@ def _zeros(spec):
     return tf.zeros(shape, spec.dtype)
 
 
+def _multi_worker(strategy) -> bool:
+    return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())
+
+
+def _reduce_per_replica(outputs, strategy, reduction: str):
+    """Keras's reduction of per-replica step outputs ("auto": the mean over replicas; "concat" for predict).
+
+    Across workers Keras's own "mean" reduces over axis 0 as well as over replicas, which fails on the
+    scalar losses and metrics a train step returns (keras-team/keras#20585 family); the mean over replicas
+    alone is what it computes on one worker, so that is what is computed here.
+    """
+    if reduction == "auto" and _multi_worker(strategy):
+        return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
+    return reduce_per_replica(outputs, strategy, reduction=reduction)
+
+
 def _function(fn, **kwargs):
     """`tf.function(fn, **kwargs)` without TensorFlow's "frequent retracing" warning.
 
@@ -226,7 +242,7 @@ class StepFunctions:
                 data = finite_guard(data)
             try:
                 outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
-                return reduce_per_replica(outputs, strategy, reduction=reduction)
+                return _reduce_per_replica(outputs, strategy, reduction)
             finally:
                 self._release_gradient_entries(before)
 
@@ -252,9 +268,10 @@ class StepFunctions:
         return fn
 
     def _make_loop(self, kind: str, step, spec):
+        if self._distributed(spec):
+            return self._make_distributed_loop(kind, step)
         if kind == "predict":
             return self._make_predict_loop(step, spec)
-
         watch = kind == "train" and self._stop_on_nonfinite
 
         def finite(outputs):
@@ -263,35 +280,68 @@ class StepFunctions:
             return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
         def loop(iterator, n):
+            # Keras's pattern: the step is traced once, inside the loop; the outputs travel as an Optional
+            # whose element spec is set when that trace is made (so no separate trace is needed for it,
+            # which per-replica inputs would not survive). The next batch is fetched only when another step
+            # is due, so no batch beyond `n` is consumed.
             self.loop_trace_counts[kind] += 1
-            out_specs = _output_specs(step.get_concrete_function(spec))
-            init = tf.nest.map_structure(_zeros, out_specs)
-            invariants = (tf.TensorShape([]), tf.TensorShape([]),
-                          tf.nest.map_structure(lambda s: s.shape, out_specs))
+            empty = tf.experimental.Optional.empty(None)
 
-            def cond(i, done, outputs):
-                return tf.logical_and(i < n, tf.logical_not(done))
+            def cond(i, outputs, following, stop):
+                return tf.logical_and(tf.logical_and(i < n, following.has_value()), tf.logical_not(stop))
 
-            def body(i, done, outputs):
-                nxt = iterator.get_next_as_optional()
+            def body(i, outputs, following, stop):
+                def has_next():
+                    new = step(following.get_value())
+                    wrapped = tf.experimental.Optional.from_value(new)
+                    empty._element_spec = wrapped.element_spec
+                    return wrapped, tf.logical_not(finite(new)) if watch else tf.constant(False)
 
-                def run():
-                    new = step(nxt.get_value())
-                    return i + 1, tf.logical_not(finite(new)) if watch else tf.constant(False), new
+                def no_next():
+                    outputs._element_spec = empty._element_spec
+                    return outputs, stop
 
-                return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), outputs))
+                new_outputs, new_stop = tf.cond(following.has_value(), has_next, no_next)
+                after = tf.cond(i + 1 < n, iterator.get_next_as_optional, lambda: following)
+                return i + 1, new_outputs, after, new_stop
 
-            i, _, outputs = tf.while_loop(cond, body, (tf.constant(0), tf.constant(False), init),
-                                          shape_invariants=invariants)
+            i, outputs, _, _ = tf.while_loop(
+                cond, body, (tf.constant(0), empty, iterator.get_next_as_optional(), tf.constant(False)))
+            outputs._element_spec = empty.element_spec
             return i, outputs
 
         loop.__name__ = f"safetrain_{kind}_loop"
         return _function(loop, autograph=False, reduce_retracing=True)
 
+    def _make_distributed_loop(self, kind: str, step):
+        """Under a multi-replica strategy the step may not sit inside a `tf.cond`: the optimizer's cross-replica
+        merge there leaves unfed placeholders (keras-team/keras#19246; Keras's own steps_per_execution > 1
+        fails the same way under MirroredStrategy here). So: `n - 1` steps in a counted loop, then one more
+        whose outputs are returned, when the caller knows that many batches are left (`exact`); else one
+        step per call, the end of the data showing as OutOfRangeError."""
+        def loop(iterator, n):
+            self.loop_trace_counts[kind] += 1
+
+            def body(i):
+                step(iterator.get_next())
+                return i + 1
+
+            tf.while_loop(lambda i: i < n - 1, body, [tf.constant(0)])
+            return n, step(iterator.get_next())
+
+        loop.__name__ = f"safetrain_{kind}_distributed_loop"
+        return _function(loop, autograph=False, reduce_retracing=True)
+
+    @staticmethod
+    def _distributed(spec) -> bool:
+        return not all(isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
+                       for s in tf.nest.flatten(spec))
+
     def _make_predict_loop(self, step, spec):
+        out_specs = _output_specs(step.get_concrete_function(spec))  # eagerly, as in _make_loop
+
         def loop(iterator, n):
             self.loop_trace_counts["predict"] += 1
-            out_specs = _output_specs(step.get_concrete_function(spec))
             arrays = tf.nest.map_structure(
                 lambda s: tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False,
                                          element_shape=s.shape), out_specs)
@@ -325,7 +375,14 @@ class StepFunctions:
             t = self._n_cache[n] = tf.constant(n, tf.int32)
         return t
 
-    def run(self, kind: str, iterator, n: int, spec=None):
+    @staticmethod
+    def _unwrap(steps_run, outputs):
+        steps_run = int(steps_run)
+        if isinstance(outputs, tf.experimental.Optional):
+            outputs = outputs.get_value() if steps_run else None
+        return steps_run, outputs
+
+    def run(self, kind: str, iterator, n: int, spec=None, exact: bool = False):
         """Run up to `n` steps of `kind` on batches from `iterator`; returns `(steps_run, outputs)`.
 
         `steps_run < n` means the iterator is exhausted. For "train"/"test", `outputs` are the last step's
@@ -342,17 +399,30 @@ class StepFunctions:
         # Calling the traced concrete function skips tf.function's per-call dispatch (argument binding,
         # trace-type lookup): measurable at a few steps per call. It is keyed on the spec object the
         # caller passes (one per data source), and falls back to the dispatching call on any mismatch.
+        if self._distributed(self._steps[kind][0]):
+            if not exact or kind == "predict" or (kind == "train" and self._stop_on_nonfinite):
+                n = 1  # one step per call: no count to trust, per-step outputs, or a per-step check
+            try:
+                steps_run, outputs = loop(iterator, self._n(n))
+            except tf.errors.OutOfRangeError:
+                return 0, None
+            except tf.errors.OpError as error:
+                translated = faults.translate(error)
+                if translated is None:
+                    raise
+                raise translated from None
+            return int(steps_run), outputs
         try:
             cached = self._concrete.get(kind)
             if cached is not None and cached[0] is spec:
                 try:
-                    steps_run, outputs = cached[1](iterator, self._n(n))
-                    return int(steps_run), outputs
+                    return self._unwrap(*cached[1](iterator, self._n(n)))
                 except (TypeError, ValueError):
                     self._concrete.pop(kind, None)
-            steps_run, outputs = loop(iterator, self._n(n))
-            self._concrete[kind] = (spec, loop.get_concrete_function(iterator, self._n(n)))
-            return int(steps_run), outputs
+            result = loop(iterator, self._n(n))
+            if not self._distributed(spec):  # a distributed iterator must go through tf.function's dispatch
+                self._concrete[kind] = (spec, loop.get_concrete_function(iterator, self._n(n)))
+            return self._unwrap(*result)
         except tf.errors.OpError as error:
             translated = faults.translate(error)
             if translated is None:
@@ -369,7 +439,10 @@ class ChunkSizer:
     """
 
     def __init__(self, steps_per_execution: int | str = "auto", target_seconds: float = 0.25,
-                 start: int = 8, max_steps: int = 4096) -> None:
+                 start: int = 8, max_steps: int = 4096, agree: Callable[[int], int] | None = None) -> None:
+        # `agree`: how the workers of a multi-worker run settle on one size (each measures its own speed,
+        # but all must run the same number of steps per call); called at the same calls on every worker.
+        self.agree = agree
         self.auto = steps_per_execution == "auto"
         self.size = start if self.auto else int(steps_per_execution)
         self.target_seconds = target_seconds
@@ -388,12 +461,15 @@ class ChunkSizer:
     def observe(self, steps_run: int, requested: int, seconds: float) -> None:
         """Learn from a call; the first call (which traces) is not timed."""
         self._calls += 1
-        if not self.auto or self._calls == 1 or steps_run < requested or steps_run == 0 or seconds <= 0:
+        if not self.auto or self._calls == 1 or steps_run < requested or steps_run == 0:
             return
-        rate = steps_run / seconds
-        self._rate = rate if self._rate is None else 0.5 * self._rate + 0.5 * rate
-        want = self._rate * self.target_seconds
-        size = 1
-        while size * 2 <= want and size * 2 <= self.max_steps:
-            size *= 2
-        self.size = size
+        if seconds > 0:
+            rate = steps_run / seconds
+            self._rate = rate if self._rate is None else 0.5 * self._rate + 0.5 * rate
+            want = self._rate * self.target_seconds
+            size = 1
+            while size * 2 <= want and size * 2 <= self.max_steps:
+                size *= 2
+            self.size = size
+        if self.agree is not None:
+            self.size = max(1, int(self.agree(self.size)))

@@ -7,7 +7,9 @@ The loop is short on purpose: read `fit` and you have the whole of it.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import gc
 import inspect
 import json
@@ -28,6 +30,7 @@ from keras.src.utils.python_utils import pythonify_logs
 
 from safetrain import checks
 from safetrain import data as data_module
+from safetrain import distributed
 from safetrain import faults
 from safetrain import hooks
 from safetrain import memory
@@ -158,6 +161,15 @@ def _first_tensor(x):
     return next(t for t in tree.flatten(x) if t is not None)
 
 
+def _worker_failures(method):
+    """Run `method` so that, in a multi-worker run, a dead peer surfaces as `WorkerFailure`."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with distributed.worker_failures(self.strategy):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class SafeTrainer:
     """Train a Keras model with one compiled step per kind, memory telemetry and policies.
 
@@ -229,6 +241,7 @@ class SafeTrainer:
         self.custom_objects = dict(custom_objects or {})
         self.memory = memory.MemoryLog()
         self.steps = StepFunctions(self, self.strategy, jit_compile)
+        self.is_chief = distributed.is_chief(self.strategy)  # False on every worker but one
         self.data_seed: int | None = None
         self.epoch = 0
         self.rehydrations = 0
@@ -563,7 +576,7 @@ class SafeTrainer:
             raise OutOfMemory("A training step ran out of memory, and it cannot be split into microbatches "
                               "because the model or trainer overrides train_step; use a smaller batch_size.") \
                 from error
-        completed = int(self.model.optimizer.iterations) - iterations_before
+        completed = self._iterations() - iterations_before
         epochs.advance(completed, completed)
         epochs.reposition()  # the failed batch is next again
         batch = epochs.iterator.get_next()
@@ -634,9 +647,10 @@ class SafeTrainer:
             if batch_hooks:
                 begin_hook(step)
             t0 = time.perf_counter()
-            before = int(self.model.optimizer.iterations) if counting else None
+            before = self._iterations() if counting else None
             try:
-                ran, outputs = self.steps.run(kind, epochs.iterator, n, epochs.element_spec)
+                ran, outputs = self.steps.run(kind, epochs.iterator, n, epochs.element_spec,
+                                              exact=remaining is not None)
             except tf.errors.ResourceExhaustedError as error:
                 if not recover:
                     raise
@@ -644,6 +658,8 @@ class SafeTrainer:
                 n, nonfinite = ran, watch_nonfinite and not _all_finite(outputs)
             except (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.FailedPreconditionError,
                     tf.errors.CancelledError) as error:
+                if isinstance(error, distributed.COLLECTIVE_ERRORS) and distributed.is_multi_worker(self.strategy):
+                    raise  # a peer failed, not this data: `fit` reports it as WorkerFailure
                 raise self._step_error(kind, epochs, before, n, error) from error
             else:
                 chunks.observe(ran, n, time.perf_counter() - t0)
@@ -679,6 +695,10 @@ class SafeTrainer:
                 break
         return logs
 
+    def _iterations(self) -> int:
+        # `.numpy()`: under a distribution strategy the variable is a MirroredVariable, which int() refuses.
+        return int(self.model.optimizer.iterations.numpy())
+
     def _check_data(self, batches: data_module.Batches, x, y, sample_weight, what: str) -> None:
         """Refuse, before any step, data that does not fit the model (see `safetrain.checks`)."""
         x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(batches.element_spec)
@@ -694,7 +714,7 @@ class SafeTrainer:
         """A step failed on its data: say where (epoch, batch) and why, keeping the original as the cause."""
         start = epochs.steps_done
         if kind == "train" and iterations_before is not None:
-            where = f"batch {start + int(self.model.optimizer.iterations) - iterations_before}"
+            where = f"batch {start + self._iterations() - iterations_before}"
         else:
             where = f"batch {start}" if n == 1 else f"batches {start}-{start + n - 1}"
         cause = _error_line(str(getattr(error, "message", error))) or type(error).__name__
@@ -710,6 +730,7 @@ class SafeTrainer:
             return metric_logs
         return logs if logs is not None else {}
 
+    @_worker_failures
     def fit(self, x=None, y=None, batch_size: int | None = None, epochs: int = 1, verbose: int | str = "auto",
             callbacks: Sequence[keras.callbacks.Callback] | None = None, validation_split: float = 0.0,
             validation_data=None, shuffle: bool | str = True, class_weight: dict | None = None,
@@ -763,6 +784,7 @@ class SafeTrainer:
     def _fit_loop(self, train, val, *, epochs, initial_epoch, verbose, callbacks, steps_per_epoch,
                   validation_steps, validation_freq) -> keras.callbacks.History:
         train_epochs = self._train_epochs = data_module.EpochIterator(train, steps_per_epoch, self.strategy)
+        callbacks, cleanup = distributed.callbacks_for_worker(self.strategy, callbacks)
         callbacks = CallbackList(callbacks, add_history=True, add_progbar=False, verbose=verbose,
                                  epochs=epochs, steps=steps_per_epoch or train.num_batches, model=self.model)
         progress = self._progress(verbose, callbacks.params)
@@ -811,7 +833,7 @@ class SafeTrainer:
                 epoch_logs = pythonify_logs(epoch_logs)
                 if self.microbatch_size is not None:
                     epoch_logs["microbatch_size"] = self.microbatch_size
-                sample = memory.sample(epoch, self.trace_counts)
+                sample = self.sample_memory(epoch)
                 self.memory.append(sample)
                 if self.memory_logs:
                     epoch_logs.update(sample.as_logs())
@@ -831,6 +853,7 @@ class SafeTrainer:
             if progress is not None:
                 progress.on_train_end()
             self._callbacks = self._progress_bar = self._train_epochs = None
+            cleanup()
         return self.model.history
 
     @staticmethod
@@ -842,7 +865,26 @@ class SafeTrainer:
         history.history = {k: list(v) for k, v in saved["history"].items()}
 
     def _chunk_sizer(self, hooks_needed: bool) -> ChunkSizer:
-        return ChunkSizer(1 if hooks_needed and self.steps_per_execution == "auto" else self.steps_per_execution)
+        if hooks_needed and self.steps_per_execution == "auto":
+            return ChunkSizer(1)
+        agree = None
+        if distributed.is_multi_worker(self.strategy):  # every worker must run the same chunks
+            agree = functools.partial(distributed.min_across_workers, self.strategy)
+        return ChunkSizer(self.steps_per_execution, agree=agree)
+
+    def sample_memory(self, epoch: int | None = None) -> memory.MemorySample:
+        """Read memory now; in a multi-worker run `rss_mb` is the largest over all workers (a collective:
+        every worker calls it at the same point, which the trainer and policies do).
+
+        Example:
+            >>> trainer.sample_memory().rss_mb
+            412.5
+        """
+        sample = memory.sample(epoch, self.trace_counts)
+        if distributed.is_multi_worker(self.strategy):
+            per_worker = distributed.per_worker_values(self.strategy, sample.rss_mb)
+            sample = dataclasses.replace(sample, rss_mb=max(per_worker), worker_rss_mb=tuple(per_worker))
+        return sample
 
     @staticmethod
     def _should_eval(epoch: int, validation_freq) -> bool:
@@ -851,7 +893,7 @@ class SafeTrainer:
         return (epoch + 1) in validation_freq
 
     def _progress(self, verbose: int, params: Mapping) -> ProgressBar | None:
-        if not verbose:
+        if not verbose or not self.is_chief:  # one progress bar per run, the chief's
             return None
         bar = ProgressBar(verbose)
         bar.set_params(dict(params))
@@ -876,6 +918,7 @@ class SafeTrainer:
             progress.on_test_end(logs)
         return logs
 
+    @_worker_failures
     def evaluate(self, x=None, y=None, batch_size: int | None = None, verbose: int | str = "auto",
                  sample_weight=None, steps: int | None = None, callbacks=None, return_dict: bool = False,
                  **kwargs):
@@ -904,6 +947,7 @@ class SafeTrainer:
             return logs
         return self.model._flatten_metrics_in_order(logs)
 
+    @_worker_failures
     def predict(self, x, batch_size: int | None = None, verbose: int | str = "auto", steps: int | None = None,
                 callbacks=None, **kwargs):
         """The model's outputs on `x` as NumPy arrays (same structure as the model's outputs).

@@ -15,10 +15,7 @@ keras_tests = pytest.importorskip("keras.src.callbacks.early_stopping_test",
 ROUTED = {"fit": 0}
 
 # Tests that fail for a known, tracked reason; strict, so they are noticed the day they pass.
-KNOWN_GAPS = {
-    "test_swap_ema_weights_with_tf_distribute":
-        "MirroredStrategy inputs (per-replica values) are issue #5 (tf.distribute), not done yet",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 # These suites assert the exact set of logged keys (CSV columns, TensorBoard tags), which the memory
