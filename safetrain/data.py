@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import types
 import warnings
 from typing import Any
@@ -467,7 +468,15 @@ class EpochIterator:
         if self.steps_per_epoch is not None and ran_out and self._done < self.steps_per_epoch:
             warnings.warn(_RAN_OUT, stacklevel=3)
         if ran_out or self.steps_per_epoch is None:
-            self.iterator = None  # the next epoch starts a new pass
+            self._retire()  # the next epoch starts a new pass
             self._seen = 0
         self._done = 0
         self.batches.on_epoch_end()
+
+    def _retire(self) -> None:
+        # Tearing down a multi-worker distributed iterator blocks for about 0.6 s (its prefetching ops are
+        # cancelled and waited for): a thread takes the last reference and pays that while training goes on.
+        holder, self.iterator = [self.iterator], None
+        if isinstance(holder[0], tf.distribute.DistributedIterator):
+            # Not a daemon: the interpreter waits for it at exit (a teardown cut off there aborts the process).
+            threading.Thread(target=holder.clear, daemon=False, name="safetrain-retire-iterator").start()

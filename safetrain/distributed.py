@@ -183,7 +183,7 @@ def worker_failures(strategy):
 
 
 def _is_instance(callback, names: tuple[str, ...]) -> bool:
-    return any(type(c).__name__ in names and c.__module__.startswith(("keras", "safetrain"))
+    return any(c.__name__ in names and c.__module__.startswith(("keras", "safetrain"))
                for c in type(callback).__mro__)
 
 

@@ -193,8 +193,8 @@ class Snapshot:
         strategy = trainer.strategy
         model = self._rebuild_model(strategy)
         if self.compile_args:
-            args = {k: make() for k, make in self.compile_args.items()}
-            with strategy.scope():
+            with strategy.scope():  # an optimizer belongs to the strategy current when it is made
+                args = {k: make() for k, make in self.compile_args.items()}
                 model.compile(**args, jit_compile=False)
         trainer.model = model
         if self.element_spec is not None:

@@ -375,6 +375,19 @@ class StepFunctions:
             t = self._n_cache[n] = tf.constant(n, tf.int32)
         return t
 
+    def chunk_limit(self, kind: str, spec, exact: bool) -> int | None:
+        """The most steps one call of `kind` may run on batches of `spec` (None: no limit).
+
+        Distributed loops run a fixed count (see `_make_distributed_loop`), so without a trusted count of
+        the batches left (`exact`), for predict (per-step outputs) and when every step is checked for a
+        non-finite loss, they run one step per call.
+        """
+        if not self._distributed(spec):
+            return None
+        if not exact or kind == "predict" or (kind == "train" and self._stop_on_nonfinite):
+            return 1
+        return None
+
     @staticmethod
     def _unwrap(steps_run, outputs):
         steps_run = int(steps_run)
@@ -400,8 +413,7 @@ class StepFunctions:
         # trace-type lookup): measurable at a few steps per call. It is keyed on the spec object the
         # caller passes (one per data source), and falls back to the dispatching call on any mismatch.
         if self._distributed(self._steps[kind][0]):
-            if not exact or kind == "predict" or (kind == "train" and self._stop_on_nonfinite):
-                n = 1  # one step per call: no count to trust, per-step outputs, or a per-step check
+            n = min(n, self.chunk_limit(kind, self._steps[kind][0], exact) or n)
             try:
                 steps_run, outputs = loop(iterator, self._n(n))
             except tf.errors.OutOfRangeError:

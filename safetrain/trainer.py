@@ -161,6 +161,18 @@ def _first_tensor(x):
     return next(t for t in tree.flatten(x) if t is not None)
 
 
+def _check_model_strategy(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """A model whose variables exist already must have made them under `strategy`."""
+    own = getattr(model, "_distribute_strategy", None)
+    if own is not None and own is not strategy:
+        raise ConfigurationError(f"`strategy`: the model was built under another strategy ({type(own).__name__}); "
+                                 "pass that one, or a model factory, which SafeTrainer calls inside `strategy`.")
+    if own is None and model.variables and strategy.num_replicas_in_sync > 1:
+        raise ConfigurationError(f"`strategy`: the model's variables were made outside {type(strategy).__name__}'s "
+                                 "scope. Build and compile it inside `with strategy.scope():`, or pass a factory "
+                                 "(a function returning the compiled model), which SafeTrainer calls in the scope.")
+
+
 def _worker_failures(method):
     """Run `method` so that, in a multi-worker run, a dead peer surfaces as `WorkerFailure`."""
     @functools.wraps(method)
@@ -179,7 +191,8 @@ class SafeTrainer:
         optimizer, loss, metrics: override the model's compiled ones (all three are optional when the
             model was compiled; an uncompiled model needs at least `optimizer` and `loss` to train).
         policies: `safetrain.Policy` instances, applied in the order given.
-        strategy: a `tf.distribute.Strategy`; default: the one the model was built under, if any.
+        strategy: a `tf.distribute.Strategy`; default: the one the model was built under, if any. A model
+            (not a factory) passed with it must have been built inside its scope.
         steps_per_execution: steps per compiled call: an int as in Keras, or "auto" (the default): many
             steps per call when no callback needs per-batch hooks, one per call otherwise.
         jit_compile: compile the steps with XLA.
@@ -228,6 +241,8 @@ class SafeTrainer:
             raise TypeError("`model` must be a keras.Model or a zero-argument callable returning one, "
                             f"got {type(model).__name__}.")
         self.model: keras.Model = built
+        if isinstance(model, keras.Model) and strategy is not None:
+            _check_model_strategy(model, strategy)
         self.strategy: tf.distribute.Strategy = strategy or built.distribute_strategy
         self.steps_per_execution = steps_per_execution
         self.jit_compile = jit_compile
@@ -644,6 +659,7 @@ class SafeTrainer:
             step = epochs.steps_done
             boundary = self.policies.steps_to_next_batch_hook(self._global_step) if batch_policies else None
             n = chunks.next(remaining, boundary)
+            n = min(n, self.steps.chunk_limit(kind, epochs.element_spec, remaining is not None) or n)
             if batch_hooks:
                 begin_hook(step)
             t0 = time.perf_counter()

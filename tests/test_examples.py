@@ -14,6 +14,7 @@ EXPECTED = {
     "custom_layer_hooks.py": "re-hydrations: 2",
     "kfold_loop.py": "mean accuracy",
     "stateful_rnn.py": "train step traced 1 time",
+    "multi_worker.py": "2 replicas; final val_binary_accuracy",
 }
 
 
