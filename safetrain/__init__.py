@@ -10,34 +10,44 @@ import os as _os
 
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from safetrain import hooks  # noqa: E402
-from safetrain import faults  # noqa: E402
-from safetrain import distributed  # noqa: E402
-from safetrain.distributed import WorkerFailure  # noqa: E402
-from safetrain.errors import ConfigurationError, OutOfMemory, OutOfMemoryWarning, SafetrainError  # noqa: E402
-from safetrain.isolation import IsolatedProcessError, RemoteTraceback, run_isolated  # noqa: E402
-from safetrain.memory import MemoryLog, MemoryMonitor, MemorySample  # noqa: E402
-from safetrain.checks import DataError  # noqa: E402
-from safetrain.checkpoint import CheckpointCorrupt, CheckpointMismatch, CheckpointWarning  # noqa: E402
-from safetrain.policies import (  # noqa: E402
-    Checkpoint,
-    ClearSession,
-    GarbageCollect,
-    LeakDetector,
-    LeakWarning,
-    MemoryBudget,
-    MemoryBudgetExceeded,
-    Policy,
-    ResetStates,
-    NonFiniteLoss,
-    RetraceError,
-    RetraceGuard,
-    StopOnNaN,
-    TrimMalloc,
-)
-from safetrain.progress import ProgressBar  # noqa: E402
-from safetrain.snapshot import Snapshot, SnapshotMismatch  # noqa: E402
-from safetrain.trainer import SafeTrainer  # noqa: E402
+# Names are imported on first use (PEP 562), so that `python -m safetrain doctor` and other light entry
+# points start without importing TensorFlow; `from safetrain import SafeTrainer` works as always.
+_EXPORTS = {
+    "hooks": None, "faults": None, "distributed": None, "doctor": None, "plots": None,
+    "WorkerFailure": "distributed",
+    "ConfigurationError": "errors", "OutOfMemory": "errors", "OutOfMemoryWarning": "errors",
+    "SafetrainError": "errors",
+    "IsolatedProcessError": "isolation", "RemoteTraceback": "isolation", "run_isolated": "isolation",
+    "MemoryLog": "memory", "MemoryMonitor": "memory", "MemorySample": "memory",
+    "DataError": "checks",
+    "CheckpointCorrupt": "checkpoint", "CheckpointMismatch": "checkpoint", "CheckpointWarning": "checkpoint",
+    **{name: "policies" for name in (
+        "Checkpoint", "ClearSession", "GarbageCollect", "LeakDetector", "LeakWarning", "MemoryBudget",
+        "MemoryBudgetExceeded", "Policy", "ResetStates", "NonFiniteLoss", "RetraceError", "RetraceGuard",
+        "StopOnNaN", "TrimMalloc")},
+    "ProgressBar": "progress",
+    "Snapshot": "snapshot", "SnapshotMismatch": "snapshot",
+    "SafeTrainer": "trainer",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'safetrain' has no attribute {name!r}")
+    module_name = _EXPORTS[name]
+    if module_name is None:
+        value = importlib.import_module(f"safetrain.{name}")
+    else:
+        value = getattr(importlib.import_module(f"safetrain.{module_name}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 
@@ -77,6 +87,8 @@ __all__ = [
     "OutOfMemoryWarning",
     "DataError",
     "faults",
+    "doctor",
+    "plots",
     "RemoteTraceback",
     "__version__",
 ]

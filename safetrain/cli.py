@@ -1,4 +1,5 @@
-"""Command line: `python -m safetrain demo` (and the `safetrain` console script)."""
+"""Command line: `python -m safetrain demo` and `python -m safetrain doctor script.py` (also the
+`safetrain` console script)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def _retracing_contrast(lengths: int) -> dict:
     return dict(plain=plain, safe=safe)
 
 
-def demo(epochs: int = 8, samples: int = 20_000, lengths: int = 40, verbose: int = 2) -> int:
+def demo(epochs: int = 8, samples: int = 20_000, lengths: int = 40, verbose: int = 2,
+         plot: str | None = None, models: int = 12) -> int:
     """Train a small MLP on built-in synthetic data with SafeTrainer; print memory and trace counts."""
     import keras
 
@@ -90,22 +92,82 @@ def demo(epochs: int = 8, samples: int = 20_000, lengths: int = 40, verbose: int
               f"RSS {contrast['plain']['growth']:+.1f} MiB")
         print(f"  SafeTrainer.fit          : {contrast['safe']['traces']:>3} trace,  "
               f"RSS {contrast['safe']['growth']:+.1f} MiB")
+    if plot:
+        from safetrain.plots import plot_side_by_side
+
+        loop = _models_in_a_loop(models)
+        print(f"\n{models} fresh models trained in a loop (1 epoch each):")
+        for name, run in loop.items():
+            print(f"  {name:<12}: RSS {run['rss'][0]:.0f} -> {run['rss'][-1]:.0f} MiB, "
+                  f"{run['slope']:+.2f} MiB per model")
+        xs = list(range(1, models + 1))
+        plot_side_by_side([(f"{name}: {run['slope']:+.2f} MiB per model", xs, run["rss"])
+                           for name, run in loop.items()], plot, xlabel="models trained",
+                          suptitle="A fresh model per fold or trial: model.fit vs SafeTrainer(factory)")
+        print(f"plot: {plot}")
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
+def _models_in_a_loop(models: int) -> dict:
+    """RSS after each of `models` fresh models trained with model.fit, then with SafeTrainer (a factory)."""
+    import keras
+    import numpy as np
+
+    from safetrain import SafeTrainer, memory
+
+    x, y = _synthetic_regression(512, 16)
+
+    def build():
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    runs = {}
+    for name in ("model.fit", "SafeTrainer"):
+        rss = []
+        for i in range(models):
+            keras.utils.set_random_seed(i)
+            if name == "model.fit":
+                build().fit(x, y, batch_size=64, epochs=1, verbose=0)
+            else:
+                SafeTrainer(build).fit(x, y, batch_size=64, epochs=1, verbose=0)
+            rss.append(memory.rss_mb())
+        runs[name] = rss
+    return {k: dict(rss=v, slope=float(memory.slope(v[3:]) if len(v) > 5 else np.nan)) for k, v in runs.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"]:  # its own parser: everything after the script belongs to the script
+        from safetrain.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     parser = argparse.ArgumentParser(prog="safetrain", description="Memory-safe training for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="run a training script unmodified and diagnose why its memory grows "
+                                  "(safetrain doctor -h)")
     p = sub.add_parser("demo", help="train a small model on synthetic data; print memory and trace counts")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--samples", type=int, default=20_000)
     p.add_argument("--lengths", type=int, default=40,
                    help="sequence lengths in the retracing contrast (0 to skip it)")
     p.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2))
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="also train --models fresh models in a loop with model.fit and with SafeTrainer and write "
+                        "a PNG of memory after each, side by side")
+    p.add_argument("--models", type=int, default=12, help="models per runner for --plot (default 12)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(epochs=args.epochs, samples=args.samples, lengths=args.lengths, verbose=args.verbose)
+        if args.plot:
+            from safetrain.plots import require_matplotlib
+
+            require_matplotlib()
+        if args.models < 6:
+            parser.error("--models must be at least 6 (the slope is fitted after 3 warm-up models)")
+        return demo(epochs=args.epochs, samples=args.samples, lengths=args.lengths, verbose=args.verbose,
+                    plot=args.plot, models=args.models)
     return 2
 
 

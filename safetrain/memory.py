@@ -156,6 +156,20 @@ class MemoryLog:
                 out[k].append(dict(v) if isinstance(v, Mapping) else v)
         return out
 
+    def plot(self, path: str, title: str | None = None) -> str:
+        """Write a PNG of this log: RSS (and device memory on GPU) per epoch, epochs with new traces marked.
+
+        Needs matplotlib (`pip install "safetrain[plot]"`).
+
+        Example:
+            >>> trainer.fit(x, y, epochs=30)
+            >>> trainer.memory.plot("memory.png")
+            'memory.png'
+        """
+        from safetrain.plots import plot_memory_log
+
+        return plot_memory_log(self, path, title)
+
     def __repr__(self) -> str:
         if not self.samples:
             return "MemoryLog([])"

@@ -26,8 +26,16 @@ def check_demo(result, epochs, lengths):
     assert int(plain.group(1)) == lengths and int(safe.group(1)) == 1
 
 
-def test_demo_trains_and_reports_memory_and_traces():
-    check_demo(run("demo", "--epochs", "3", "--samples", "3000", "--lengths", "12"), epochs=3, lengths=12)
+def test_demo_trains_and_reports_memory_and_traces(tmp_path):
+    plot = tmp_path / "demo.png"
+    result = run("demo", "--epochs", "3", "--samples", "3000", "--lengths", "12", "--plot", str(plot), "--models", "7")
+    check_demo(result, epochs=3, lengths=12)
+    # --plot: 7 models in a loop with model.fit and with SafeTrainer, side by side.
+    fit = re.search(r"model.fit\s+: RSS (\d+) -> (\d+) MiB, ([+-][\d.]+) MiB per model", result.stdout)
+    safe = re.search(r"SafeTrainer\s+: RSS (\d+) -> (\d+) MiB, ([+-][\d.]+) MiB per model", result.stdout)
+    assert fit and safe, result.stdout[-1500:]
+    assert float(fit.group(3)) > 1.0 > float(safe.group(3))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,6 +16,9 @@ EXPECTED = {
     "kfold_loop.py": "mean accuracy",
     "stateful_rnn.py": "train step traced 1 time",
     "multi_worker.py": "2 replicas; final val_binary_accuracy",
+    "policies_in_code.py": "re-hydrations 1",
+    "oom_recovery.py": "microbatch size 64; OOM events 1",
+    "checkpoint_resume.py": "first run: 3 epochs; second run resumed from ckpt-",
 }
 
 
@@ -22,9 +26,21 @@ def test_every_example_has_an_expectation():
     assert {p.name for p in EXAMPLES} == set(EXPECTED)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(path):
+@pytest.fixture(scope="module")
+def runs():
+    """Every example as a user runs it (`python examples/x.py`), two at a time: each is its own process."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env)
+
+    def run(path):
+        return path.name, subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300,
+                                         env=env)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(run, EXAMPLES))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(runs, path):
+    result = runs[path.name]
     assert result.returncode == 0, result.stderr[-2000:]
     assert EXPECTED[path.name] in result.stdout

@@ -256,14 +256,18 @@ def test_retrace_guard_warn_mode_warns_and_continues():
 # -- LeakDetector --------------------------------------------------------------------------------------
 
 class Hoarder(keras.callbacks.Callback):
-    """Python-side accumulation: keeps 8 MiB of per-epoch results forever."""
+    """Python-side accumulation: keeps `blocks` x 64 KiB (8 MiB by default) of per-epoch results forever.
 
-    def __init__(self):
+    The bytes are written, so they are resident; still, a long test process has freed memory that new
+    allocations reuse first, so a test that needs RSS to rise asks for more."""
+
+    def __init__(self, blocks: int = 128):
         super().__init__()
+        self.blocks = blocks
         self.kept = []
 
     def on_epoch_end(self, epoch, logs=None):
-        self.kept.append([bytearray(64 * 1024) for _ in range(128)])
+        self.kept.append([bytearray(b"x") * (64 * 1024) for _ in range(self.blocks)])
 
 
 def test_leak_detector_diagnoses_python_side_accumulation():
@@ -289,5 +293,5 @@ def test_leak_detector_stays_quiet_on_a_flat_run():
 def test_leak_detector_can_trigger_rehydration():
     trainer = SafeTrainer(make_mlp(), policies=[LeakDetector(window=3, threshold_mb_per_epoch=2.0, rehydrate=True)])
     with pytest.warns(LeakWarning):
-        trainer.fit(x, y, epochs=5, verbose=0, callbacks=[Hoarder()])
+        trainer.fit(x, y, epochs=6, verbose=0, callbacks=[Hoarder(blocks=512)])
     assert trainer.rehydrations >= 1
