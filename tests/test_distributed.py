@@ -144,25 +144,22 @@ def test_checkpoint_resumes_a_mirrored_run_bit_identically(mirrored):
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    """Every multi-worker scenario, run once: {scenario: [worker 0's result, worker 1's result]}."""
-    root = tmp_path_factory.mktemp("multi_worker")
-    results = {"single": single(str(root))}
-    for scenario, folder in (("train", "train"), ("first", "resume"), ("resume", "resume"), ("memory", "memory")):
-        workdir = root / folder
-        workdir.mkdir(exist_ok=True)
-        results[scenario] = launch(scenario, str(workdir))
-        results[scenario + "_dir"] = str(workdir)
+    """The multi-worker scenarios in two cluster start-ups: `train` then `first` in one pair of processes;
+    `resume` (a restarted job) then `memory` in a new pair. {step: [worker 0's result, worker 1's]}."""
+    root = str(tmp_path_factory.mktemp("multi_worker"))
+    results = {"single": single(root)["single"], "dir": root}
+    for scenario in ("train+first", "resume+memory"):
+        pair = launch(scenario, root)
+        for r in pair:
+            assert r.get("returncode") == 0 and all(step in r for step in scenario.split("+")), \
+                r.get("output", "")[-3000:]
+        for step in scenario.split("+"):
+            results[step] = [dict(r[step], worker=r["worker"], chief=r["chief"], output=r["output"]) for r in pair]
     return results
-
-
-def _finished(pair):
-    for r in pair:
-        assert r["returncode"] == 0 and "history" in r, r["output"][-3000:]
 
 
 def test_two_workers_finish_agree_on_weights_and_match_one_device(workers):
     pair = workers["train"]
-    _finished(pair)
     assert [r["worker"] for r in pair] == [0, 1] and [r["chief"] for r in pair] == [True, False]
     assert same_weights(pair[0], pair[1])
     for key in ("loss", "mae", "val_loss", "val_mae"):
@@ -173,7 +170,7 @@ def test_two_workers_finish_agree_on_weights_and_match_one_device(workers):
 
 def test_only_the_chief_writes_checkpoints_logs_and_progress(workers):
     chief, other = workers["train"]
-    workdir = workers["train_dir"]
+    workdir = os.path.join(workers["dir"], "train")
     assert len(chief["written"]) == 4 and other["written"] == []
     assert sorted(os.listdir(os.path.join(workdir, "ckpt"))) == sorted(chief["written"][-2:])  # keep=2
     with open(os.path.join(workdir, "log.csv")) as f:
@@ -186,10 +183,8 @@ def test_only_the_chief_writes_checkpoints_logs_and_progress(workers):
 
 def test_checkpoint_resumes_a_multi_worker_run_with_rehydration_bit_identically(workers):
     first, resumed, reference = workers["first"], workers["resume"], workers["train"]
-    _finished(first)
-    _finished(resumed)
     assert [r["resumed_from"] for r in first] == ["", ""]
-    assert [r["resumed_from"] for r in resumed] == ["ckpt-000000000016"] * 2
+    assert [r["resumed_from"] for r in resumed] == ["ckpt-000000000016"] * 2  # in new processes
     assert all(r["rehydrations"] >= 1 and r["variable_type"] == "MirroredVariable" for r in first + resumed)
     for r in resumed:
         assert same_weights(r, reference[0])
@@ -199,7 +194,6 @@ def test_checkpoint_resumes_a_multi_worker_run_with_rehydration_bit_identically(
 
 def test_memory_policies_see_the_largest_rss_of_all_workers(workers):
     chief, leaky = workers["memory"]
-    _finished(workers["memory"])
     # Both workers made the same decisions from the same numbers.
     assert chief["rss_series"] == leaky["rss_series"] and chief["worker_rss_mb"] == leaky["worker_rss_mb"]
     assert all(len(w) == 2 and max(w) == r for w, r in zip(chief["worker_rss_mb"], chief["rss_series"]))
@@ -218,6 +212,6 @@ def test_a_dead_worker_stops_the_others_with_worker_failure(tmp_path):
     assert time.monotonic() - t0 < 120
     assert dead["returncode"] == 3
     assert survivor["returncode"] == 0, survivor["output"][-3000:]
-    assert survivor["error"] == "WorkerFailure"
-    assert "worker 1" in survivor["message"] and "Checkpoint" in survivor["message"]
-    assert survivor["seconds"] < 60
+    assert survivor["die"]["error"] == "WorkerFailure"
+    assert "worker 1" in survivor["die"]["message"] and "Checkpoint" in survivor["die"]["message"]
+    assert survivor["die"]["seconds"] < 60

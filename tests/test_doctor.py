@@ -64,7 +64,7 @@ def test_the_report_counts_what_ran(reports):
     assert counts == {"models": 1, "predicts": 1, "epochs": 10, "fits": 1}
     assert "no leak found" in clean["text"]
     models = reports["models_in_loop.py"]["diagnosis"]["causes"][0]
-    assert models["models"] == 12 and models["slope_mb_per_model"] > 1
+    assert models["models"] == 8 and models["slope_mb_per_model"] > 1
     accumulation = reports["python_accumulation.py"]["diagnosis"]["causes"][0]
     assert "list" in accumulation["types"] or "ndarray" in accumulation["types"]
 

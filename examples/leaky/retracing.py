@@ -23,7 +23,7 @@ def train_step(x, y):
     return loss
 
 
-for epoch in range(3):
+for epoch in range(2):
     for length in range(10, 30):  # sequences of 20 different lengths
         x = rng.standard_normal((8, length, 4)).astype("float32")
         y = rng.standard_normal((8, 1)).astype("float32")

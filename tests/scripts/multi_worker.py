@@ -4,12 +4,14 @@ Usage: python tests/scripts/multi_worker.py SCENARIO WORKDIR INDEX PORT0,PORT1
        python tests/scripts/multi_worker.py single WORKDIR       (the same training on one device)
 Prints one line "RESULT {json}" at the end.
 
-Scenarios:
-  train    4 epochs with a Checkpoint policy, CSVLogger, ModelCheckpoint and progress bars (verbose=1)
-  first    2 epochs with Checkpoint + re-hydration every epoch (ClearSession); `resume` then runs to 4
-  resume   the same command with epochs=4: resumes from `first`'s checkpoint
+SCENARIO is one or more steps joined by "+", run one after another in the same two processes:
+  train    4 epochs with a Checkpoint policy, CSVLogger, ModelCheckpoint and progress bars (verbose=1),
+           into WORKDIR/train
+  first    2 epochs with Checkpoint + re-hydration every epoch (ClearSession), into WORKDIR/resume
+  resume   the same with epochs=4, in new processes: resumes from `first`'s checkpoint
   memory   worker 1 leaks 40 MiB per epoch; LeakDetector and MemoryBudget(action="stop") on both
   die      worker 1 exits abruptly at the end of epoch 1; worker 0 must stop with WorkerFailure
+Results are under their step's name.
 """
 
 import json
@@ -54,28 +56,26 @@ def fit(trainer, **kwargs):
     return trainer.fit(x, y, **args).history
 
 
-out = {"worker": 0 if strategy is None else distributed.worker_index(strategy),
-       "chief": distributed.is_chief(strategy)}
-t0 = time.perf_counter()
-
-if scenario == "single":
-    trainer = SafeTrainer(factory)
-    history = fit(trainer)
-elif scenario == "train":
-    ckpt = Checkpoint(os.path.join(workdir, "ckpt"))
+def train_run(folder):
+    os.makedirs(folder, exist_ok=True)
+    ckpt = Checkpoint(os.path.join(folder, "ckpt"))
     trainer = SafeTrainer(factory, strategy=strategy, policies=[ckpt])
-    callbacks = [keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv")),
-                 keras.callbacks.ModelCheckpoint(os.path.join(workdir, "model.keras"))]
+    callbacks = [keras.callbacks.CSVLogger(os.path.join(folder, "log.csv")),
+                 keras.callbacks.ModelCheckpoint(os.path.join(folder, "model.keras"))]
     history = fit(trainer, verbose=1, callbacks=callbacks)
-    out["written"] = [os.path.basename(p) for p in ckpt.written]
-elif scenario in ("first", "resume"):
-    ckpt = Checkpoint(os.path.join(workdir, "ckpt"))
+    return trainer, history, {"written": [os.path.basename(p) for p in ckpt.written]}
+
+
+def resumable_run(folder, epochs):
+    ckpt = Checkpoint(os.path.join(folder, "ckpt"))
     trainer = SafeTrainer(factory, strategy=strategy, policies=[ckpt, ClearSession()])
-    history = fit(trainer, epochs=2 if scenario == "first" else 4)
-    out["resumed_from"] = os.path.basename(ckpt.resumed_from or "")
-    out["rehydrations"] = trainer.rehydrations
-    out["variable_type"] = type(trainer.model.trainable_variables[0].value).__name__
-elif scenario == "memory":
+    history = fit(trainer, epochs=epochs)
+    return trainer, history, {"resumed_from": os.path.basename(ckpt.resumed_from or ""),
+                              "rehydrations": trainer.rehydrations,
+                              "variable_type": type(trainer.model.trainable_variables[0].value).__name__}
+
+
+def memory_run(worker):
     leak = []
 
     class Leak(keras.callbacks.Callback):
@@ -87,33 +87,51 @@ elif scenario == "memory":
     budget = distributed.min_across_workers(strategy, memory.rss_mb()) + 180
     detector = LeakDetector(window=3, threshold_mb_per_epoch=10)
     trainer.policies = safetrain.policies.PolicyList([detector, MemoryBudget(budget, action="stop")])
-    history = fit(trainer, epochs=12, callbacks=[Leak()] if out["worker"] == 1 else [])
-    out["budget"] = budget
-    out["own_rss_mb"] = memory.rss_mb()
-    out["leak_report"] = None if detector.report is None else detector.report["slope_mb_per_epoch"]
-    out["worker_rss_mb"] = [list(s.worker_rss_mb or ()) for s in trainer.memory]
-    out["rss_series"] = trainer.memory.series("rss_mb")
-elif scenario == "die":
+    history = fit(trainer, epochs=12, callbacks=[Leak()] if worker == 1 else [])
+    return trainer, history, {
+        "budget": budget, "own_rss_mb": memory.rss_mb(),
+        "leak_report": None if detector.report is None else detector.report["slope_mb_per_epoch"],
+        "worker_rss_mb": [list(s.worker_rss_mb or ()) for s in trainer.memory],
+        "rss_series": trainer.memory.series("rss_mb")}
+
+
+def die_run(worker):
     class Die(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:
                 os._exit(3)
 
+    t0 = time.perf_counter()
     trainer = SafeTrainer(factory, strategy=strategy)
+    result = {"error": None}
     try:
-        fit(trainer, epochs=50, callbacks=[Die()] if out["worker"] == 1 else [])
-        out["error"] = None
+        fit(trainer, epochs=50, callbacks=[Die()] if worker == 1 else [])
     except safetrain.WorkerFailure as error:
-        out["error"] = type(error).__name__
-        out["message"] = str(error)
-    out["seconds"] = time.perf_counter() - t0
-    print("RESULT " + json.dumps(out), flush=True)
-    sys.exit(0)
-else:
-    raise SystemExit(f"unknown scenario {scenario!r}")
+        result.update(error=type(error).__name__, message=str(error))
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
-out["history"] = {k: v for k, v in history.items()}
-out["weights"] = [w.tolist() for w in trainer.model.get_weights()]
-out["traces"] = dict(trainer.trace_counts)
-out["seconds"] = time.perf_counter() - t0
+
+out = {"worker": 0 if strategy is None else distributed.worker_index(strategy),
+       "chief": distributed.is_chief(strategy)}
+# Steps joined by "+" run one after another in the same processes (one cluster start-up for several).
+for step in scenario.split("+"):
+    t0 = time.perf_counter()
+    if step == "die":
+        out[step] = die_run(out["worker"])
+        continue
+    if step == "single":
+        trainer = SafeTrainer(factory)
+        trainer, history, extra = trainer, fit(trainer), {}
+    elif step == "train":
+        trainer, history, extra = train_run(os.path.join(workdir, "train"))
+    elif step in ("first", "resume"):
+        trainer, history, extra = resumable_run(os.path.join(workdir, "resume"), 2 if step == "first" else 4)
+    elif step == "memory":
+        trainer, history, extra = memory_run(out["worker"])
+    else:
+        raise SystemExit(f"unknown scenario {step!r}")
+    out[step] = dict(extra, history={k: v for k, v in history.items()},
+                     weights=[w.tolist() for w in trainer.model.get_weights()], traces=dict(trainer.trace_counts),
+                     seconds=time.perf_counter() - t0)
 print("RESULT " + json.dumps(out), flush=True)
