@@ -280,34 +280,30 @@ class StepFunctions:
             return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
         def loop(iterator, n):
-            # Keras's pattern: the step is traced once, inside the loop; the outputs travel as an Optional
-            # whose element spec is set when that trace is made (so no separate trace is needed for it,
-            # which per-replica inputs would not survive). The next batch is fetched only when another step
-            # is due, so no batch beyond `n` is consumed.
+            # Single-device (and default-strategy) inputs: the step's output spec comes from its concrete
+            # function, so the loop carries plain tensors (zeros until the first step), one `cond` per step.
+            # Measured faster than carrying the outputs as an Optional (Keras's pattern, which distributed
+            # inputs would need; those take `_make_distributed_loop`): safe/floor 0.95 vs 0.80 on the MLP.
             self.loop_trace_counts[kind] += 1
-            empty = tf.experimental.Optional.empty(None)
+            out_specs = _output_specs(step.get_concrete_function(spec))
+            init = tf.nest.map_structure(_zeros, out_specs)
+            invariants = (tf.TensorShape([]), tf.TensorShape([]),
+                          tf.nest.map_structure(lambda s: s.shape, out_specs))
 
-            def cond(i, outputs, following, stop):
-                return tf.logical_and(tf.logical_and(i < n, following.has_value()), tf.logical_not(stop))
+            def cond(i, done, outputs):
+                return tf.logical_and(i < n, tf.logical_not(done))
 
-            def body(i, outputs, following, stop):
-                def has_next():
-                    new = step(following.get_value())
-                    wrapped = tf.experimental.Optional.from_value(new)
-                    empty._element_spec = wrapped.element_spec
-                    return wrapped, tf.logical_not(finite(new)) if watch else tf.constant(False)
+            def body(i, done, outputs):
+                nxt = iterator.get_next_as_optional()
 
-                def no_next():
-                    outputs._element_spec = empty._element_spec
-                    return outputs, stop
+                def run():
+                    new = step(nxt.get_value())
+                    return i + 1, tf.logical_not(finite(new)) if watch else tf.constant(False), new
 
-                new_outputs, new_stop = tf.cond(following.has_value(), has_next, no_next)
-                after = tf.cond(i + 1 < n, iterator.get_next_as_optional, lambda: following)
-                return i + 1, new_outputs, after, new_stop
+                return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), outputs))
 
-            i, outputs, _, _ = tf.while_loop(
-                cond, body, (tf.constant(0), empty, iterator.get_next_as_optional(), tf.constant(False)))
-            outputs._element_spec = empty.element_spec
+            i, _, outputs = tf.while_loop(cond, body, (tf.constant(0), tf.constant(False), init),
+                                          shape_invariants=invariants)
             return i, outputs
 
         loop.__name__ = f"safetrain_{kind}_loop"
