@@ -28,7 +28,7 @@ import tensorflow as tf
 from keras import tree
 from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
-from safetrain import faults
+from safetrain import distributed, faults
 
 __all__ = ["StepFunctions", "KINDS", "TraceEvent", "gradient_registry"]
 
@@ -104,10 +104,6 @@ def _zeros(spec):
     return tf.zeros(shape, spec.dtype)
 
 
-def _multi_worker(strategy) -> bool:
-    return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())
-
-
 def _reduce_per_replica(outputs, strategy, reduction: str):
     """Keras's reduction of per-replica step outputs ("auto": the mean over replicas; "concat" for predict).
 
@@ -115,7 +111,7 @@ def _reduce_per_replica(outputs, strategy, reduction: str):
     scalar losses and metrics a train step returns (keras-team/keras#20585 family); the mean over replicas
     alone is what it computes on one worker, so that is what is computed here.
     """
-    if reduction == "auto" and _multi_worker(strategy):
+    if reduction == "auto" and distributed.is_multi_worker(strategy):
         return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
     return reduce_per_replica(outputs, strategy, reduction=reduction)
 
@@ -247,8 +243,7 @@ class StepFunctions:
                 self._release_gradient_entries(before)
 
         one_step.__name__ = f"safetrain_{kind}_step"
-        if all(isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
-               for s in tf.nest.flatten(spec)):
+        if not self._distributed(spec):
             return _function(one_step, input_signature=[spec], jit_compile=self.jit_compile,
                              autograph=False, reduce_retracing=False)
         # Distributed values (one tensor per replica) have no relaxable input signature; relax on retrace.
@@ -334,10 +329,9 @@ class StepFunctions:
                        for s in tf.nest.flatten(spec))
 
     def _make_predict_loop(self, step, spec):
-        out_specs = _output_specs(step.get_concrete_function(spec))  # eagerly, as in _make_loop
-
         def loop(iterator, n):
             self.loop_trace_counts["predict"] += 1
+            out_specs = _output_specs(step.get_concrete_function(spec))
             arrays = tf.nest.map_structure(
                 lambda s: tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False,
                                          element_shape=s.shape), out_specs)
@@ -384,13 +378,6 @@ class StepFunctions:
             return 1
         return None
 
-    @staticmethod
-    def _unwrap(steps_run, outputs):
-        steps_run = int(steps_run)
-        if isinstance(outputs, tf.experimental.Optional):
-            outputs = outputs.get_value() if steps_run else None
-        return steps_run, outputs
-
     def run(self, kind: str, iterator, n: int, spec=None, exact: bool = False):
         """Run up to `n` steps of `kind` on batches from `iterator`; returns `(steps_run, outputs)`.
 
@@ -405,33 +392,29 @@ class StepFunctions:
         if loop is None:
             loop = self._loops[kind] = self._make_loop(kind, step, self._steps[kind][0])
             self._concrete.pop(kind, None)
-        # Calling the traced concrete function skips tf.function's per-call dispatch (argument binding,
-        # trace-type lookup): measurable at a few steps per call. It is keyed on the spec object the
-        # caller passes (one per data source), and falls back to the dispatching call on any mismatch.
-        if self._distributed(self._steps[kind][0]):
+        per_replica = self._distributed(self._steps[kind][0])
+        if per_replica:
             n = min(n, self.chunk_limit(kind, self._steps[kind][0], exact) or n)
-            try:
-                steps_run, outputs = loop(iterator, self._n(n))
-            except tf.errors.OutOfRangeError:
-                return 0, None
-            except tf.errors.OpError as error:
-                translated = faults.translate(error)
-                if translated is None:
-                    raise
-                raise translated from None
-            return int(steps_run), outputs
         try:
-            cached = self._concrete.get(kind)
-            if cached is not None and cached[0] is spec:
-                try:
-                    return self._unwrap(*cached[1](iterator, self._n(n)))
-                except (TypeError, ValueError):
-                    self._concrete.pop(kind, None)
-            result = loop(iterator, self._n(n))
-            if not self._distributed(spec):  # a distributed iterator must go through tf.function's dispatch
+            if not per_replica:
+                # Calling the traced concrete function skips tf.function's per-call dispatch (argument
+                # binding, trace-type lookup): measurable at a few steps per call. It is keyed on the spec
+                # object the caller passes (one per data source), and falls back to the dispatching call on
+                # any mismatch. A distributed iterator must go through the dispatch.
+                cached = self._concrete.get(kind)
+                if cached is not None and cached[0] is spec:
+                    try:
+                        steps_run, outputs = cached[1](iterator, self._n(n))
+                        return int(steps_run), outputs
+                    except (TypeError, ValueError):
+                        self._concrete.pop(kind, None)
+            steps_run, outputs = loop(iterator, self._n(n))
+            if not per_replica:
                 self._concrete[kind] = (spec, loop.get_concrete_function(iterator, self._n(n)))
-            return self._unwrap(*result)
+            return int(steps_run), outputs
         except tf.errors.OpError as error:
+            if per_replica and isinstance(error, tf.errors.OutOfRangeError):
+                return 0, None  # a distributed loop's fixed count of steps met the end of the data
             translated = faults.translate(error)
             if translated is None:
                 raise
