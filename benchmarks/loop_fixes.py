@@ -29,7 +29,7 @@ def child(mode: str) -> None:
     from safetrain import SafeTrainer, memory
 
     if mode == "none":
-        steps.StepFunctions._release_gradient_entries = lambda self, before: None
+        steps.CompiledStep._release_gradient_entries = lambda self, before: None
     if mode in ("none", "registry"):
         trainer_module._release_previous_models = lambda: None
     rng = np.random.default_rng(0)

@@ -6,27 +6,23 @@
 
 from __future__ import annotations
 
-import os as _os
-
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 # Names are imported on first use (PEP 562), so that `python -m safetrain doctor` and other light entry
 # points start without importing TensorFlow; `from safetrain import SafeTrainer` works as always.
 _EXPORTS = {
     "hooks": None, "faults": None, "distributed": None, "doctor": None, "plots": None,
-    "WorkerFailure": "distributed",
-    "ConfigurationError": "errors", "OutOfMemory": "errors", "OutOfMemoryWarning": "errors",
-    "SafetrainError": "errors",
-    "IsolatedProcessError": "isolation", "RemoteTraceback": "isolation", "run_isolated": "isolation",
+    **{name: "errors" for name in (
+        "SafetrainError", "ConfigurationError", "OutOfMemory", "OutOfMemoryWarning", "StepError", "DataError",
+        "CheckpointCorrupt", "CheckpointMismatch", "CheckpointWarning", "SnapshotMismatch",
+        "MemoryBudgetExceeded", "RetraceError", "LeakWarning", "NonFiniteLoss", "WorkerFailure",
+        "IsolatedProcessError", "RemoteTraceback")},
+    "run_isolated": "isolation",
     "MemoryLog": "memory", "MemoryMonitor": "memory", "MemorySample": "memory",
-    "DataError": "checks",
-    "CheckpointCorrupt": "checkpoint", "CheckpointMismatch": "checkpoint", "CheckpointWarning": "checkpoint",
     **{name: "policies" for name in (
-        "Checkpoint", "ClearSession", "GarbageCollect", "LeakDetector", "LeakWarning", "MemoryBudget",
-        "MemoryBudgetExceeded", "Policy", "ResetStates", "NonFiniteLoss", "RetraceError", "RetraceGuard",
-        "StopOnNaN", "TrimMalloc")},
+        "Checkpoint", "ClearSession", "GarbageCollect", "LeakDetector", "MemoryBudget", "Policy", "ResetStates",
+        "RetraceGuard", "StopOnNaN", "TrimMalloc")},
     "ProgressBar": "progress",
-    "Snapshot": "snapshot", "SnapshotMismatch": "snapshot",
+    "Snapshot": "snapshot",
+    "TrainingProgress": "state",
     "SafeTrainer": "trainer",
 }
 
@@ -86,6 +82,8 @@ __all__ = [
     "OutOfMemory",
     "OutOfMemoryWarning",
     "DataError",
+    "StepError",
+    "TrainingProgress",
     "faults",
     "doctor",
     "plots",

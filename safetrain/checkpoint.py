@@ -1,4 +1,7 @@
-"""Checkpoints on disk: atomic, checksummed, pruned; the policy that writes them lives in `policies.py`.
+"""Checkpoints on disk: atomic, checksummed, pruned; and the training state they hold (`save`, `load_latest`).
+
+The `Checkpoint` policy in `policies.py` decides when; `trainer.save_checkpoint` / `load_checkpoint` call
+`save` / `load_latest` here.
 
 A checkpoint is a directory `ckpt-<global step>` holding `state.bin` (every variable value a `Snapshot` holds,
 raw, one after the other) and `meta.json` (where each array lies in `state.bin`, its CRC-32 and size, and the
@@ -20,29 +23,19 @@ import os
 import shutil
 import warnings
 import zlib
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from safetrain.errors import SafetrainError
+from safetrain import distributed
+from safetrain.errors import CheckpointCorrupt, CheckpointMismatch, CheckpointWarning, ConfigurationError
+from safetrain.snapshot import Snapshot, signature
 
-__all__ = ["write", "latest", "prune", "list_checkpoints", "CheckpointCorrupt", "CheckpointMismatch",
-           "CheckpointWarning", "FORMAT"]
+__all__ = ["write", "latest", "prune", "list_checkpoints", "save", "load_latest", "training_state",
+           "CheckpointCorrupt", "CheckpointMismatch", "CheckpointWarning", "FORMAT"]
 
 FORMAT = "safetrain-checkpoint-2"
 PREFIX = "ckpt-"
-
-
-class CheckpointCorrupt(SafetrainError, ValueError):
-    """A checkpoint's files are missing, truncated or fail their checksum."""
-
-
-class CheckpointMismatch(SafetrainError, ValueError):
-    """A checkpoint was written for another model (its variables do not match this one's)."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint could not be written (training goes on) or was skipped as corrupt."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -172,3 +165,93 @@ def prune(directory: str, keep: int) -> None:
     """Remove all but the newest `keep` checkpoints."""
     for path in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the training state a checkpoint holds ----------------------------------------------------------------
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def training_state(trainer) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Everything a checkpoint holds: every variable value (as arrays) and, as JSON-able metadata, the
+    counters, the data position, the History so far and the model's signature."""
+    from safetrain import _compat
+
+    snapshot = Snapshot.take(trainer, structure=False)
+    history = _compat.history_of(trainer.callbacks) if trainer.callbacks is not None else None
+    position = trainer.progress.position
+    meta = {
+        "counters": snapshot.counters,
+        "position": None if position is None else position.state_dict(),
+        "history": None if history is None else {"epoch": list(getattr(history, "epoch", [])),
+                                                 "history": {k: list(v) for k, v in history.history.items()}},
+        "signature": signature(trainer.model),
+    }
+    return snapshot.arrays(), json.loads(json.dumps(meta, default=_jsonable))
+
+
+def save(trainer, directory: str, keep: int = 2) -> str | None:
+    """Write the trainer's state as `ckpt-<global step>` in `directory`, keep the newest `keep`; returns the
+    path, or None on a worker other than the chief (every worker builds the state: reading some variables
+    is a collective). Raises `OSError` if writing failed; the previous checkpoints are intact then."""
+    arrays, meta = training_state(trainer)
+    if not distributed.is_chief(trainer.strategy):
+        return None
+    path = write(directory, f"{PREFIX}{trainer.progress.global_step:012d}", arrays, meta)
+    prune(directory, keep)
+    return path
+
+
+def _describe_mismatch(saved: Mapping | None, expected: Mapping) -> str:
+    if not saved:
+        return "The checkpoint has no model signature; it was not written by safetrain's Checkpoint."
+    for group in ("layers", "model", "optimizer", "metrics"):
+        a, b = saved.get(group, []), expected[group]
+        if a != b:
+            if len(a) != len(b):
+                detail = f"{len(a)} entries in the checkpoint, {len(b)} in this model"
+            else:
+                i = next(i for i, (u, v) in enumerate(zip(a, b)) if u != v)
+                detail = f"entry {i} is {a[i]} in the checkpoint, {b[i]} in this model"
+            return (f"This checkpoint was written for another model: its {group} differ ({detail}). Point "
+                    "Checkpoint at a new directory for a new model, or delete the old checkpoints.")
+    return "This checkpoint was written for another model."
+
+
+def _agree(strategy, directory: str, found) -> None:
+    """In a multi-worker run, every worker must resume from the same checkpoint: the directory is shared."""
+    if not distributed.is_multi_worker(strategy):
+        return
+    name = os.path.basename(found[0]) if found is not None else ""
+    step = float(name[len(PREFIX):]) if name.startswith(PREFIX) else -1.0
+    steps = distributed.per_worker_values(strategy, step)
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"worker {i}: {'none' if s < 0 else f'step {int(s)}'}" for i, s in enumerate(steps))
+        raise ConfigurationError(
+            f"Checkpoint: the workers see different checkpoints in {directory!r} ({seen}). In a multi-worker "
+            "run only the chief writes checkpoints, so `directory` must be on storage that every worker reads "
+            "(a shared filesystem or a bucket path).")
+
+
+def load_latest(trainer, directory: str) -> tuple[str, dict[str, Any]] | None:
+    """Load the newest valid checkpoint in `directory` into the trainer: every value, and its progress with
+    the data position to resume at. Returns `(path, meta)`, or None when there is none.
+
+    Raises `CheckpointMismatch` when it was written for another model.
+    """
+    found = latest(directory, clean=distributed.is_chief(trainer.strategy))
+    _agree(trainer.strategy, directory, found)
+    if found is None:
+        return None
+    path, arrays, meta = found
+    expected = json.loads(json.dumps(signature(trainer.model)))
+    if meta.get("signature") != expected:
+        raise CheckpointMismatch(_describe_mismatch(meta.get("signature"), expected))
+    Snapshot.from_arrays(dict(arrays), dict(meta["counters"])).restore_values(trainer)
+    trainer.progress.load_state_dict({"position": meta.get("position")})
+    return path, meta

@@ -1,4 +1,4 @@
-"""Checks of the data against the model, run before any step; and the errors for data that fails mid-run.
+"""Checks run before any step: call arguments, and the data against the model.
 
 `data.py` validates inputs on their own (lengths, batch sizes, types); what needs the model lives here: do
 the inputs' shapes and dtypes fit the model's inputs, are sparse labels within the model's classes, are the
@@ -8,25 +8,50 @@ range in a dataset, a NaN caught by `check_inputs`) becomes a `DataError` that n
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from typing import Callable, Mapping
+
 import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from safetrain.errors import SafetrainError
+from safetrain import _compat
+from safetrain.errors import DataError
 
-__all__ = ["DataError", "check_against_model", "check_sparse_labels", "check_finite_arrays", "finite_guard"]
-
-
-class DataError(SafetrainError, ValueError):
-    """The data failed during a step (the message names the epoch and batch; the cause is chained)."""
+__all__ = ["DataError", "reject_unknown", "check_int", "resolve_verbose", "check_against_model", "check_sparse_labels", "check_finite_arrays", "finite_guard"]
 
 
-def _model_inputs(model):
-    struct = getattr(model, "_inputs_struct", None)
-    if struct is None:
-        functional = getattr(model, "_functional", None)
-        struct = getattr(functional, "_inputs_struct", None)
-    return struct
+def reject_unknown(kwargs: Mapping, method: Callable, what: str) -> None:
+    """Raise `TypeError` naming unknown keyword arguments of `method`, with "did you mean" suggestions."""
+    if not kwargs:
+        return
+    known = [p for p in inspect.signature(method).parameters if p not in ("self", "kwargs")]
+    parts = []
+    for k in kwargs:
+        close = difflib.get_close_matches(k, known, n=1)
+        parts.append(f"`{k}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    raise TypeError(f"{what}() got unknown keyword argument(s) {', '.join(parts)}; "
+                    f"accepted: {', '.join(known)}.")
+
+
+def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    """Raise naming `name` unless `value` is an integer >= `minimum` (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer{' or None' if allow_none else ''}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def resolve_verbose(verbose) -> int:
+    """Keras's `verbose` ("auto", 0, 1, 2) as 0, 1 or 2."""
+    if verbose == "auto":
+        return 1
+    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+        raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2, got {verbose!r}.")
+    return int(verbose)
 
 
 def _shape(spec) -> str:
@@ -38,7 +63,7 @@ def check_against_model(model, x_spec, what: str) -> None:
 
     Raises `ValueError` naming the input, the shape or dtype received and the one expected.
     """
-    expected = _model_inputs(model)
+    expected = _compat.model_inputs(model)
     if expected is None or x_spec is None:
         return
     if isinstance(expected, dict) and isinstance(x_spec, dict):

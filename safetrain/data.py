@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 import types
 import warnings
 from typing import Any
@@ -26,12 +25,10 @@ import numpy as np
 import tensorflow as tf
 from keras import backend
 from keras import tree
-from keras.src.trainers.data_adapters import array_slicing
-from keras.src.trainers.data_adapters import data_adapter_utils
-from keras.src.trainers.data_adapters import get_data_adapter
-from keras.src.trainers.data_adapters.array_data_adapter import can_convert_arrays
 from keras.utils import PyDataset
 from keras.utils import unpack_x_y_sample_weight
+
+from safetrain._compat import array_slicing, can_convert_arrays, data_adapter_utils, get_data_adapter
 
 __all__ = ["Batches", "as_batches", "relax_spec", "split_validation", "describe_spec"]
 
@@ -359,124 +356,3 @@ def unpack_validation_data(validation_data) -> tuple[Any, Any, Any]:
                              f"a dataset, generator or PyDataset; got a sequence of length {len(validation_data)}.")
         return unpack_x_y_sample_weight(tuple(validation_data))
     return validation_data, None, None
-
-
-_RAN_OUT = ("Your input ran out of data; interrupting the epoch. Make sure that your dataset or generator "
-            "can generate at least `steps_per_epoch * epochs` batches (e.g. use `.repeat()` on a dataset).")
-
-
-class EpochIterator:
-    """Hands out the `tf.data` iterator of each epoch, with the `steps_per_epoch` semantics of `model.fit`.
-
-    Without `steps_per_epoch` every epoch starts a fresh pass over the data (for arrays: in that epoch's
-    shuffled order) and runs until it ends. With it, epochs draw `steps_per_epoch` batches from one
-    iterator that persists across epochs and is renewed when the data runs out (with a warning when that
-    cuts an epoch short), as Keras does.
-
-    Example:
-        >>> epochs = EpochIterator(batches, steps_per_epoch=None)
-        >>> epochs.start(epoch=0); epochs.remaining()
-        625
-    """
-
-    def __init__(self, batches: Batches, steps_per_epoch: int | None = None,
-                 strategy: tf.distribute.Strategy | None = None) -> None:
-        self.batches = batches
-        self.steps_per_epoch = steps_per_epoch
-        self.num_batches = batches.num_batches
-        self._strategy = strategy
-        self.iterator = None
-        self._iter_epoch = 0  # the epoch whose pass the current iterator is
-        self._seen = 0      # batches drawn from the current iterator
-        self._done = 0      # steps run in the current epoch
-        self._exhausted = False
-        self.element_spec = batches.element_spec
-
-    def _new_iterator(self, epoch: int, skip: int = 0):
-        ds = self.batches.dataset(epoch)
-        if skip:
-            ds = ds.skip(skip)
-        strategy = self._strategy
-        if strategy is not None and strategy.num_replicas_in_sync > 1 and not isinstance(
-                ds, tf.distribute.DistributedDataset):
-            ds = strategy.experimental_distribute_dataset(ds)
-        iterator = iter(ds)
-        if isinstance(ds, tf.distribute.DistributedDataset):
-            self.element_spec = iterator.element_spec  # per-replica values
-        self._iter_epoch = epoch
-        return iterator
-
-    def start(self, epoch: int) -> None:
-        """Begin epoch `epoch`: a fresh iterator unless one persists across epochs (`steps_per_epoch`)."""
-        self.batches.on_epoch_begin()
-        if self.iterator is None or self.steps_per_epoch is None:
-            self.iterator = self._new_iterator(epoch)
-            self._seen = 0
-        self._done = 0
-        self._exhausted = False
-
-    @property
-    def position(self) -> dict:
-        """Where the data stands: which epoch's pass the iterator is on, how many batches it has given, and
-        how many steps the current epoch has run. `resume(position)` returns to exactly this point."""
-        return {"pass_epoch": self._iter_epoch, "pass_batches": self._seen, "epoch_steps": self._done}
-
-    def reposition(self) -> None:
-        """Re-create the iterator at the current position (after a failed call consumed batches it did not
-        train on): the next batch is the first one not yet trained on."""
-        self.iterator = self._new_iterator(self._iter_epoch, skip=self._seen)
-
-    def resume(self, epoch: int, position: dict) -> None:
-        """Begin epoch `epoch` part-way, at `position` (from `position` in an earlier process).
-
-        The pass is re-created and fast-forwarded: exact for arrays (their order is a function of seed and
-        epoch) and for any dataset whose order does not depend on how often it was iterated before.
-        """
-        self.batches.on_epoch_begin()
-        self.iterator = self._new_iterator(position["pass_epoch"], skip=position["pass_batches"])
-        self._seen = position["pass_batches"]
-        self._done = position["epoch_steps"]
-        self._exhausted = False
-
-    def remaining(self) -> int | None:
-        """Steps still to run this epoch; `None` when unknown (run until the data ends)."""
-        if self._exhausted:
-            return 0
-        limits = []
-        if self.steps_per_epoch is not None:
-            limits.append(self.steps_per_epoch - self._done)
-        if self.num_batches is not None:
-            limits.append(self.num_batches - self._seen)
-        return max(0, min(limits)) if limits else None
-
-    def advance(self, steps_run: int, requested: int) -> None:
-        """Record that a call ran `steps_run` of `requested` steps (fewer means the data ended)."""
-        self._seen += steps_run
-        self._done += steps_run
-        if steps_run < requested:
-            self._exhausted = True
-            if self.num_batches is None and self.steps_per_epoch is None:
-                self.num_batches = self._seen
-
-    @property
-    def steps_done(self) -> int:
-        return self._done
-
-    def finish(self) -> None:
-        """End the epoch: renew the iterator if the data ended, warn if that cut a fixed-length epoch short."""
-        ran_out = self._exhausted or (self.num_batches is not None and self._seen >= self.num_batches)
-        if self.steps_per_epoch is not None and ran_out and self._done < self.steps_per_epoch:
-            warnings.warn(_RAN_OUT, stacklevel=3)
-        if ran_out or self.steps_per_epoch is None:
-            self._retire()  # the next epoch starts a new pass
-            self._seen = 0
-        self._done = 0
-        self.batches.on_epoch_end()
-
-    def _retire(self) -> None:
-        # Tearing down a multi-worker distributed iterator blocks for about 0.6 s (its prefetching ops are
-        # cancelled and waited for): a thread takes the last reference and pays that while training goes on.
-        holder, self.iterator = [self.iterator], None
-        if isinstance(holder[0], tf.distribute.DistributedIterator):
-            # Not a daemon: the interpreter waits for it at exit (a teardown cut off there aborts the process).
-            threading.Thread(target=holder.clear, daemon=False, name="safetrain-retire-iterator").start()

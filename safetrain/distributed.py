@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
@@ -25,23 +26,17 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from safetrain.errors import SafetrainError
+from safetrain import _compat
+from safetrain.errors import ConfigurationError, WorkerFailure
 
 __all__ = ["WorkerFailure", "is_multi_worker", "is_chief", "worker_index", "num_workers",
            "gather_across_workers", "per_worker_values", "max_across_workers", "min_across_workers", "any_across_workers",
-           "chief_only_path", "callbacks_for_worker", "worker_failures", "COLLECTIVE_ERRORS"]
+           "chief_only_path", "callbacks_for_worker", "worker_failures", "reports_worker_failures",
+           "check_model_strategy", "COLLECTIVE_ERRORS"]
 
 # What a collective raises on the surviving workers when a peer died or stopped answering.
 COLLECTIVE_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
                      tf.errors.CancelledError, tf.errors.InternalError)
-
-
-class WorkerFailure(SafetrainError, RuntimeError):
-    """Another worker of a multi-worker run failed or stopped answering, so this one stopped as well.
-
-    The training state at the last completed checkpoint is intact; restart every worker (a `Checkpoint`
-    policy resumes them where they stopped).
-    """
 
 
 def _resolver(strategy):
@@ -207,7 +202,7 @@ def callbacks_for_worker(strategy, callbacks):
         return callbacks, lambda: None
     kept, temporary = [], []
     for cb in callbacks:
-        if getattr(cb, "_chief_worker_only", False) or _is_instance(cb, _LOG_WRITERS):
+        if _compat.chief_worker_only(cb) or _is_instance(cb, _LOG_WRITERS):
             continue
         if _is_instance(cb, ("ModelCheckpoint",)):
             cb = copy.copy(cb)
@@ -227,3 +222,24 @@ def callbacks_for_worker(strategy, callbacks):
             shutil.rmtree(folder, ignore_errors=True)
 
     return kept, cleanup
+
+
+def check_model_strategy(model, strategy: tf.distribute.Strategy) -> None:
+    """A model whose variables exist already must have made them under `strategy`."""
+    own = _compat.model_strategy(model)
+    if own is not None and own is not strategy:
+        raise ConfigurationError(f"`strategy`: the model was built under another strategy ({type(own).__name__}); "
+                                 "pass that one, or a model factory, which SafeTrainer calls inside `strategy`.")
+    if own is None and model.variables and strategy.num_replicas_in_sync > 1:
+        raise ConfigurationError(f"`strategy`: the model's variables were made outside {type(strategy).__name__}'s "
+                                 "scope. Build and compile it inside `with strategy.scope():`, or pass a factory "
+                                 "(a function returning the compiled model), which SafeTrainer calls in the scope.")
+
+
+def reports_worker_failures(method):
+    """Run `method` so that, in a multi-worker run, a dead peer surfaces as `WorkerFailure`."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with worker_failures(self.strategy):
+            return method(self, *args, **kwargs)
+    return wrapper

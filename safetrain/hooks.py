@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import keras
 
+from safetrain import _compat
+
 __all__ = ["register", "unregister", "reset_states", "release_memory", "after_rehydrate", "layers_of"]
 
 _REGISTRY: dict[type, dict[str, Callable | None]] = {}
@@ -64,7 +66,7 @@ def _registered(layer, role: str) -> Callable | None:
 
 def layers_of(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
     """Every layer of `model`, the model itself included, each once."""
-    yield from model._flatten_layers(include_self=True, recursive=True)
+    yield from _compat.flatten_layers(model)
 
 
 def _is_stateful_rnn(layer) -> bool:

@@ -22,26 +22,11 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from safetrain.errors import SafetrainError
+from safetrain.errors import IsolatedProcessError, RemoteTraceback
 
 __all__ = ["run_isolated", "IsolatedProcessError", "RemoteTraceback", "restart_process", "RESTARTS_ENV"]
 
 RESTARTS_ENV = "SAFETRAIN_RESTARTS"
-
-
-class IsolatedProcessError(SafetrainError, RuntimeError):
-    """The isolated child process died without returning (killed by a signal, or exited abnormally)."""
-
-
-class RemoteTraceback(Exception):
-    """The child's traceback, attached as `__cause__` of an exception re-raised in the parent."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f"\n\n(traceback in the isolated process)\n{self.text}"
 
 
 def _child(conn, fn, args, kwargs) -> None:

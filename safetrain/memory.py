@@ -8,17 +8,21 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import os
+import sys
 import time
+import warnings
 from typing import Callable, Iterator, Mapping, Sequence
 
 import keras
 import numpy as np
 import psutil
 
-__all__ = ["MemorySample", "MemoryLog", "MemoryMonitor", "sample", "rss_mb", "device_memory_mb", "slope"]
+__all__ = ["MemorySample", "MemoryLog", "MemoryMonitor", "sample", "rss_mb", "device_memory_mb", "slope", "trim_malloc"]
 
 _MIB = 2.0**20
 _PROCESS = psutil.Process(os.getpid())
@@ -200,3 +204,26 @@ class MemoryMonitor(keras.callbacks.Callback):
         self.log.append(s)
         if logs is not None:
             logs.update(s.as_logs())
+
+
+_LIBC = None
+_TRIM_WARNED = False
+
+
+def trim_malloc() -> bool:
+    """Return freed heap memory to the OS with glibc's `malloc_trim(0)`; False (and one warning) elsewhere."""
+    global _LIBC, _TRIM_WARNED
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        if not _TRIM_WARNED:
+            _TRIM_WARNED = True
+            warnings.warn(f"TrimMalloc: malloc_trim is only available with glibc; it does nothing on "
+                          f"{sys.platform}.", RuntimeWarning, stacklevel=3)
+        return False
+    _LIBC.malloc_trim(0)
+    return True

@@ -15,23 +15,37 @@ __all__ = ["plot_timeline", "plot_memory_log", "plot_side_by_side", "require_mat
 
 
 def require_matplotlib():
-    """matplotlib's pyplot on a non-interactive backend, or an ImportError that says how to install it."""
+    """A function making matplotlib Figures on their own Agg canvas, or an ImportError that says how to install it.
+
+    No pyplot and no backend switch: a notebook's inline (or any other) backend stays as it was, and no
+    figure is left open in pyplot's registry.
+
+    Example:
+        >>> figure = require_matplotlib()
+        >>> fig = figure(figsize=(8, 4), dpi=110)
+        >>> fig.subplots().plot([1, 2, 3]); fig.savefig("x.png")
+    """
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError('Plotting needs matplotlib: pip install "safetrain[plot]" (or pip install matplotlib).') \
             from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
-    return plt
+    def figure(**kwargs) -> Figure:
+        fig = Figure(**kwargs)
+        FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+        return fig
+
+    return figure
 
 
 def plot_timeline(report: Mapping, path: str) -> str:
     """A doctor report as a PNG: RSS over time; epochs, model builds, predict calls and retraces marked."""
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     events = report["events"]
-    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=110)
+    fig = figure(figsize=(10, 4.8), dpi=110)
+    ax = fig.subplots()
     ax.plot([e["t"] for e in events], [e["rss_mb"] for e in events], color="#333333", lw=1.2, label="RSS")
     retraced = {c["function"] for c in report["diagnosis"]["causes"] if c["cause"] == "retracing"}
     styles = [
@@ -57,19 +71,19 @@ def plot_timeline(report: Mapping, path: str) -> str:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_memory_log(log, path: str, title: str | None = None) -> str:
     """A trainer's MemoryLog as a PNG: RSS (and device memory, on GPU) per epoch; epochs whose trace count
     went up are marked, as are the epochs where the process's re-hydrations happened (`events`)."""
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     samples = list(log)
     if not samples:
         raise ValueError("plot: the memory log is empty (no epoch has ended yet).")
     xs = [s.epoch + 1 if s.epoch is not None else i + 1 for i, s in enumerate(samples)]
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    fig = figure(figsize=(8, 4.2), dpi=110)
+    ax = fig.subplots()
     ax.plot(xs, [s.rss_mb for s in samples], marker="o", ms=3, color="#1f77b4", label="RSS")
     if any(s.device_mb is not None for s in samples):
         ax.plot(xs, [s.device_mb or 0.0 for s in samples], marker="s", ms=3, color="#2ca02c", label="device memory")
@@ -89,15 +103,15 @@ def plot_memory_log(log, path: str, title: str | None = None) -> str:
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_side_by_side(panels: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: str, *,
                       xlabel: str, ylabel: str = "resident memory (MiB)", suptitle: str | None = None) -> str:
     """Several runs in panels with a shared y axis: `panels` = [(title, xs, ys), ...]."""
-    plt = require_matplotlib()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110, sharey=True)
+    figure = require_matplotlib()
+    fig = figure(figsize=(5 * len(panels), 4), dpi=110)
+    axes = fig.subplots(1, len(panels), sharey=True)
     for ax, (title, xs, ys) in zip(axes if len(panels) > 1 else [axes], panels):
         ax.plot(xs, ys, marker="o", ms=3)
         ax.set_title(title, fontsize=10)
@@ -108,5 +122,4 @@ def plot_side_by_side(panels: Sequence[tuple[str, Sequence[float], Sequence[floa
         fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path

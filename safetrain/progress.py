@@ -76,14 +76,15 @@ class ProgressBar(keras.callbacks.Callback):
         return self._file if self._file is not None else sys.stdout
 
     def _open(self, total, desc):
-        self._close()
+        self.close()
         self._t0 = time.perf_counter()
         self._last_draw = 0.0
         if self.verbose == 1:
             self._bar = tqdm(total=total, desc=desc, unit="step", file=self.file, leave=True,
                              dynamic_ncols=True, mininterval=self.min_interval, smoothing=0.3)
 
-    def _close(self):
+    def close(self) -> None:
+        """Close the bar now (the loop calls this after a run, also after an error)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -111,7 +112,7 @@ class ProgressBar(keras.callbacks.Callback):
                     self._bar.total = steps_done
                 self._bar.n = steps_done
             self._bar.set_postfix_str(format_logs(logs), refresh=False)
-            self._close()
+            self.close()
         elif self.verbose == 2:
             rate = f" - {1000 * elapsed / steps_done:.0f}ms/step" if steps_done else ""
             print(f"{prefix} - {elapsed:.1f}s{rate} - {format_logs(logs)}", file=self.file, flush=True)
@@ -136,7 +137,7 @@ class ProgressBar(keras.callbacks.Callback):
         self._finish(logs, f"Epoch {epoch + 1}/{self._epochs}", self._steps_seen or self._steps)
 
     def on_train_end(self, logs=None):
-        self._close()
+        self.close()
         self._in_fit = False
 
     # -- evaluate / predict (outside fit) ------------------------------------------------------------

@@ -17,26 +17,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import gc
+import time
 from typing import Any, Callable
 
 import keras
 import numpy as np
 
-from safetrain import hooks
-from safetrain.errors import ConfigurationError, SafetrainError
+from safetrain import _compat, hooks
+from safetrain.errors import ConfigurationError, SnapshotMismatch
 
-__all__ = ["Snapshot", "SnapshotMismatch", "check_rebuildable", "signature"]
+__all__ = ["Snapshot", "SnapshotMismatch", "check_rebuildable", "rehydrate", "signature"]
 
-_GLOBAL_SEED_GENERATOR = "global_seed_generator"
-
-
-class SnapshotMismatch(SafetrainError, ValueError):
-    """The rebuilt model's variables do not line up with the snapshot (another model, another config)."""
-
-
-def _global_state():
-    from keras.src.backend.common import global_state
-    return global_state
+_COMPILE_ARGS = ("loss", "loss_weights", "metrics", "weighted_metrics")
 
 
 def _class_objects(model: keras.Model) -> dict[str, type]:
@@ -51,9 +44,10 @@ def _class_objects(model: keras.Model) -> dict[str, type]:
 
 def check_rebuildable(trainer) -> None:
     """Raise a clear `ConfigurationError` now if re-hydration could not rebuild the trainer's model later."""
-    if trainer._factory is not None:
-        return
     model = trainer.model
+    recipes(model)  # every compile argument must be re-creatable, with or without a factory
+    if trainer.factory is not None:
+        return
     try:
         config = keras.saving.serialize_keras_object(model)
         objects = dict(_class_objects(model), **(trainer.custom_objects or {}))
@@ -69,33 +63,60 @@ def check_rebuildable(trainer) -> None:
     del probe
 
 
-def _recipe(obj) -> Callable[[], Any]:
+def _stateful(obj) -> bool:
+    """Keras objects that hold variables or state: never to be shared with a model of a cleared session."""
+    return isinstance(obj, (keras.optimizers.Optimizer, keras.metrics.Metric, keras.losses.Loss,
+                            keras.layers.Layer)) or hasattr(obj, "get_config")
+
+
+def _recipe(obj, what: str) -> Callable[[], Any]:
     """How to make a fresh copy of a compile argument (optimizer, loss, metric) later, sharing no state.
 
-    Only the class and config are kept, so a snapshot never holds the old model's optimizer or metrics.
+    Only the class and config are kept, so a snapshot never holds the old model's optimizer or metrics. A
+    stateful object that cannot be re-created is refused (`ConfigurationError`, naming `what`); only a
+    stateless plain function is shared as it is.
     """
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return lambda: obj
     if isinstance(obj, (list, tuple)):
-        parts = [_recipe(o) for o in obj]
+        parts = [_recipe(o, f"{what}[{i}]") for i, o in enumerate(obj)]
         kind = type(obj)
         return lambda: kind(p() for p in parts)
     if isinstance(obj, dict):
-        parts = {k: _recipe(v) for k, v in obj.items()}
-        return lambda: {k: p() for k, p in parts.items()}
+        named = {k: _recipe(v, f"{what}[{k!r}]") for k, v in obj.items()}
+        return lambda: {k: p() for k, p in named.items()}
+    errors = []
     if hasattr(obj, "get_config") and hasattr(type(obj), "from_config"):
         try:
             cls, config = type(obj), obj.get_config()
             cls.from_config(config)  # fails now, not after the session is gone
             return lambda: cls.from_config(config)
-        except Exception:  # noqa: BLE001 - fall back to Keras's serializer
-            pass
+        except Exception as e:  # noqa: BLE001 - try Keras's serializer next
+            errors.append(e)
     try:
         serialized = keras.saving.serialize_keras_object(obj)
         keras.saving.deserialize_keras_object(serialized)
         return lambda: keras.saving.deserialize_keras_object(serialized)
-    except Exception:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001
+        errors.append(e)
+    if callable(obj) and not _stateful(obj):
         return lambda: obj  # a plain function: stateless, safe to share
+    cause = f" ({type(errors[0]).__name__}: {errors[0]})" if errors else ""
+    raise ConfigurationError(
+        f"Re-hydration cannot re-create the compile argument `{what}` ({type(obj).__name__}) from its config"
+        f"{cause}; sharing it with the rebuilt model would carry the cleared session's state over. Give it "
+        "a working get_config()/from_config(), or pass SafeTrainer a factory that compiles the model.") \
+        from (errors[0] if errors else None)
+
+
+def recipes(model: keras.Model) -> dict[str, Callable[[], Any]]:
+    """Recipes for every argument `model.compile` got (the optimizer included); {} for an uncompiled model."""
+    if not model.compiled:
+        return {}
+    given = _compat.compile_config(model)
+    made = {k: _recipe(given.get(k), k) for k in _COMPILE_ARGS}
+    made["optimizer"] = _recipe(model.optimizer, "optimizer")
+    return made
 
 
 def signature(model: keras.Model) -> dict[str, list]:
@@ -155,26 +176,22 @@ class Snapshot:
         if not model.built:
             raise ConfigurationError("Snapshot.take: the model is not built yet; train or build it first.")
         config = None
-        if structure and trainer._factory is None:
+        if structure and trainer.factory is None:
             config = keras.saving.serialize_keras_object(model)
             config = {k: v for k, v in config.items() if k != "compile_config"}
-        compile_args = {}
-        if structure and model.compiled:
-            given = dict(model._compile_config.config)
-            compile_args = {k: _recipe(given.get(k)) for k in ("loss", "loss_weights", "metrics", "weighted_metrics")}
-            compile_args["optimizer"] = _recipe(model.optimizer)
-        generator = _global_state().get_global_attribute(_GLOBAL_SEED_GENERATOR)
+        compile_args = recipes(model) if structure else {}
+        seed_state = _compat.global_seed_state()
         optimizer = model.optimizer if model.compiled else None
         return cls(
             structure=config,
-            factory=trainer._factory,
+            factory=trainer.factory,
             compile_args=compile_args,
-            element_spec=trainer._train_spec,
+            element_spec=trainer.train_spec,
             model_values=_values(model.variables),
             optimizer_values=_values(optimizer.variables) if optimizer is not None and optimizer.built else [],
             metric_values=_values(model.metrics_variables),
-            global_seed=None if generator is None else np.array(generator.state.numpy(), copy=True),
-            counters=trainer._counters(),
+            global_seed=None if seed_state is None else np.array(seed_state.numpy(), copy=True),
+            counters=trainer.progress.counters(),
             custom_objects=dict(_class_objects(model), **(trainer.custom_objects or {})),
         )
 
@@ -198,7 +215,7 @@ class Snapshot:
                 model.compile(**args, jit_compile=False)
         trainer.model = model
         if self.element_spec is not None:
-            trainer._build(self.element_spec)
+            trainer.build(self.element_spec)
         elif not model.built:
             raise ConfigurationError("Snapshot.restore: no input spec recorded and the rebuilt model is not built.")
         self.restore_values(trainer)
@@ -216,10 +233,9 @@ class Snapshot:
         if metrics:
             _assign("model.metrics_variables", model.metrics_variables, self.metric_values)
         if self.global_seed is not None:
-            from keras.src.random.seed_generator import global_seed_generator
-            global_seed_generator().state.assign(self.global_seed)
+            _compat.make_global_seed_state().assign(self.global_seed)
         if counters:
-            trainer._set_counters(self.counters)
+            trainer.load_progress(self.counters)
         hooks.after_rehydrate(model, self)
 
     # -- on disk (see safetrain.checkpoint): values only; the structure comes from the user's own code ----
@@ -246,3 +262,32 @@ class Snapshot:
     def nbytes(self) -> int:
         """Bytes of captured variable values."""
         return sum(v.nbytes for v in self.model_values + self.optimizer_values + self.metric_values)
+
+
+def rehydrate(trainer) -> Snapshot:
+    """`trainer.rehydrate()`: snapshot, release caches, clear the session, rebuild, restore, re-point callbacks.
+
+    If the rebuild fails, the trainer keeps its old model (its variables outlive `clear_session`; its steps
+    trace again on the next call) and the error is raised.
+    """
+    trainer.check_rehydratable()
+    t0 = time.perf_counter()
+    old = trainer.model
+    snapshot = Snapshot.take(trainer)
+    hooks.release_memory(old)
+    stop_training = bool(getattr(old, "stop_training", False))
+    trainer.steps.reset()
+    keras.backend.clear_session()
+    try:
+        model = snapshot.restore(trainer)
+    except BaseException:
+        trainer.model = old
+        raise
+    model.stop_training = stop_training
+    if trainer.callbacks is not None:
+        trainer.callbacks.set_model(model)
+    del old
+    gc.collect()  # the old model is unreachable only now that callbacks point at the new one
+    trainer.rehydrations += 1
+    trainer.last_rehydration_seconds = time.perf_counter() - t0
+    return snapshot

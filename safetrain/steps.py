@@ -1,52 +1,36 @@
-"""Compiled step functions: one `tf.function` per step kind, traced once for a fixed input signature.
+"""Compiled steps: one `CompiledStep` per kind ("train", "test", "predict"), traced once for a fixed input spec.
 
-Each kind ("train", "test", "predict") has two functions:
-
-- the *step*, `tf.function(input_signature=[element_spec with batch dim None])`, which runs the trainer's
-  `train_step`/`test_step`/`predict_step` through `strategy.run`. Its Python body runs only while tracing,
-  which is how `trace_counts` counts traces;
-- the *loop*, which pulls up to `n` batches from a `tf.data` iterator inside one graph `while_loop` and calls
-  the step on each: many steps per Python call, the same numbers as one step per call.
+A `CompiledStep` owns everything about its kind: the spec it was compiled for, the step `tf.function` (which
+runs the trainer's `train_step`/`test_step`/`predict_step` through `strategy.run`; its Python body runs only
+while tracing, which is how traces are counted), the *loop* that pulls up to `n` batches from a `tf.data`
+iterator inside one graph `while_loop` (many steps per Python call, the same numbers as one step per call),
+and the concrete-function fast path. `reset()` drops all of them together.
 
 A batch whose spec the compiled signature does not accept (another dtype, another rank) is a *retrace*: the
 step is rebuilt for the most specific spec that accepts both, the count goes up, and listeners (e.g. a
 retrace guard) are told the old and the new signature.
 
 Example:
-    >>> steps = StepFunctions(trainer)
-    >>> n, logs = steps.run("train", iter(dataset), 100)
+    >>> steps = Steps(trainer.step_method, strategy)
+    >>> n, logs = steps["train"].run(iter(dataset), 100, spec)
     >>> steps.trace_counts
     {'train': 1, 'test': 0, 'predict': 0}
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import tensorflow as tf
 from keras import tree
-from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
-from safetrain import distributed, faults
+from safetrain import _compat, distributed
+from safetrain.data import relax_spec
+from safetrain.graph_loops import function, make_distributed_loop, make_loop, make_predict_loop
 
-__all__ = ["StepFunctions", "KINDS", "TraceEvent", "gradient_registry"]
+__all__ = ["Steps", "CompiledStep", "ChunkSizer", "KINDS", "TraceEvent"]
 
 KINDS = ("train", "test", "predict")
-_CUSTOM_GRADIENT_PREFIX = "CustomGradient-"
-
-
-def gradient_registry() -> dict | None:
-    """TensorFlow's global gradient registry (name -> gradient function), or None if TF moved it.
-
-    In graph mode every `tf.custom_gradient` call (Keras's optimizer uses one to sum gradients across
-    replicas) registers a gradient function under a fresh name, and that function's closure holds the
-    traced graph. Nothing ever removes those entries, so each traced train step stays alive forever.
-    """
-    from tensorflow.python.framework import ops
-
-    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
-    return registry if isinstance(registry, dict) else None
 
 
 class TraceEvent:
@@ -60,6 +44,8 @@ class TraceEvent:
     def __repr__(self) -> str:
         return f"TraceEvent({self.kind!r}, count={self.count}, old={self.old_spec}, new={self.new_spec})"
 
+
+# -- specs ------------------------------------------------------------------------------------------------
 
 def _drop_optionals(data):
     # tf.data carries Python `None` entries (e.g. a missing sample weight) as empty Optionals.
@@ -94,14 +80,10 @@ def _supertype(a, b):
     return tf.nest.pack_sequence_as(a, out)
 
 
-def _zeros(spec):
-    if not isinstance(spec, tf.TensorSpec):
-        raise TypeError("A step must return a (nested) structure of dense tensors; got an output of type "
-                        f"{type(spec).__name__}.")
-    shape = [0 if d is None else d for d in spec.shape.as_list()] if spec.shape.rank is not None else [0]
-    if spec.dtype == tf.string:
-        return tf.fill(shape, "")
-    return tf.zeros(shape, spec.dtype)
+def is_distributed(spec) -> bool:
+    """True for the element spec of a distributed iterator (per-replica values)."""
+    return not all(isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
+                   for s in tf.nest.flatten(spec))
 
 
 def _reduce_per_replica(outputs, strategy, reduction: str):
@@ -113,127 +95,89 @@ def _reduce_per_replica(outputs, strategy, reduction: str):
     """
     if reduction == "auto" and distributed.is_multi_worker(strategy):
         return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
-    return reduce_per_replica(outputs, strategy, reduction=reduction)
+    return _compat.reduce_per_replica(outputs, strategy, reduction=reduction)
 
 
-def _function(fn, **kwargs):
-    """`tf.function(fn, **kwargs)` without TensorFlow's "frequent retracing" warning.
+# -- one kind's compiled step -----------------------------------------------------------------------------
 
-    That heuristic counts traces per code object across *all* instances, so every new trainer in a k-fold
-    loop looks like a retrace of the previous one's function. Real retraces are counted per trainer in
-    `trace_counts` (and enforced by `RetraceGuard`).
-    """
-    function = tf.function(fn, **kwargs)
-    if hasattr(function, "_omit_frequent_tracing_warning"):
-        function._omit_frequent_tracing_warning = True
-    return function
+class CompiledStep:
+    """The compiled step of one kind: its spec, `tf.function`, trace counts, chunked loop and fast path.
 
-
-def _output_specs(concrete):
-    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), concrete.structured_outputs)
-
-
-class StepFunctions:
-    """The trainer's compiled train/test/predict functions and their trace counts.
-
-    `step_method(kind)` on the owner returns the Python callable to compile for that kind (a trainer's or
-    a model's `train_step`, ...). Functions are built on first use and cached; `reset()` drops them all
-    (an explicit rebuild, e.g. after re-hydration).
+    Args:
+        kind: "train", "test" or "predict".
+        method: returns the Python step to compile (called at each build: a trainer's or model's
+            `train_step`, a microbatched step, ...).
+        strategy: the distribution strategy the step runs under.
+        jit_compile: compile the step with XLA.
+        check_inputs: fail inside the step on NaN/Inf in float inputs.
+        on_trace: called with a `TraceEvent` on every trace.
     """
 
-    def __init__(self, owner, strategy: tf.distribute.Strategy | None = None, jit_compile: bool = False) -> None:
-        self._owner = owner
-        self.strategy = strategy or tf.distribute.get_strategy()
-        self.jit_compile = bool(jit_compile)
-        self.trace_counts: dict[str, int] = {k: 0 for k in KINDS}
-        self.loop_trace_counts: dict[str, int] = {k: 0 for k in KINDS}
-        self.signatures: dict[str, list] = {k: [] for k in KINDS}
-        self.listeners: list[Callable[[TraceEvent], None]] = []
-        self._steps: dict[str, tuple] = {}
-        self._loops: dict[str, tf.types.experimental.GenericFunction] = {}
-        self._concrete: dict[str, tuple] = {}
-        self._n_cache: dict[int, tf.Tensor] = {}
-        self._lock = threading.Lock()
-        self.total_trace_counts: dict[str, int] = {k: 0 for k in KINDS}
+    def __init__(self, kind: str, method: Callable[[], Callable], strategy: tf.distribute.Strategy,
+                 jit_compile: bool = False, check_inputs: bool = False,
+                 on_trace: Callable[[TraceEvent], None] = lambda event: None) -> None:
+        self.kind = kind
+        self.method = method
+        self.strategy = strategy
+        self.jit_compile = jit_compile
+        self.check_inputs = check_inputs
+        self.on_trace = on_trace
+        self.total_traces = 0           # over the object's life; `traces` restarts with `reset()`
         self.released_gradient_entries = 0
-        self._stop_on_nonfinite = False
+        self.watch_nonfinite = False
+        self.reset()
 
-    @property
-    def stop_on_nonfinite(self) -> bool:
-        """When True, a training chunk stops right after the step whose loss (or any float scalar it
-        returns) is NaN or infinite, so the caller knows exactly which step it was."""
-        return self._stop_on_nonfinite
-
-    @stop_on_nonfinite.setter
-    def stop_on_nonfinite(self, value: bool) -> None:
-        if bool(value) != self._stop_on_nonfinite:
-            self._stop_on_nonfinite = bool(value)
-            self._loops.pop("train", None)  # the check is part of the loop's graph
-            self._concrete.pop("train", None)
-
-    # -- building -------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every compiled function (an explicit rebuild, e.g. after re-hydration).
+        """Forget the compiled function, its loop and fast path (the next call traces again, counted afresh)."""
+        self.spec = None                 # the spec the function was compiled for
+        self.function = None
+        self.traces = 0
+        self.loop_traces = 0
+        self.signatures: list = []
+        self._last_spec = None           # the last spec object accepted: O(1) acceptance for the next call
+        self._loop = None
+        self._fast = None                # (spec object, concrete loop function)
 
-        `trace_counts` and `signatures` start again for the new functions; `total_trace_counts` keeps
-        counting over the trainer's life.
-        """
-        self._steps.clear()
-        self._loops.clear()
-        self._concrete.clear()
-        self.trace_counts = {k: 0 for k in KINDS}
-        self.loop_trace_counts = {k: 0 for k in KINDS}
-        self.signatures = {k: [] for k in KINDS}
+    def set_watch_nonfinite(self, watch: bool) -> None:
+        """Stop training chunks right after a step with a NaN/Inf loss (the check is part of the loop)."""
+        if bool(watch) != self.watch_nonfinite:
+            self.watch_nonfinite = bool(watch)
+            self._loop = self._fast = None
 
-    def reset_kind(self, kind: str) -> None:
-        """Forget the compiled functions of one kind (the next call traces them again, counted afresh)."""
-        self._steps.pop(kind, None)
-        self._loops.pop(kind, None)
-        self._concrete.pop(kind, None)
-        self.trace_counts[kind] = 0
-        self.loop_trace_counts[kind] = 0
-        self.signatures[kind] = []
-
-    def run_step(self, kind: str, data, spec):
-        """Run one step of `kind` on one batch (already a tensor structure) and return its outputs."""
-        try:
-            return self.step_function(kind, spec)(data)
-        except tf.errors.OpError as error:
-            translated = faults.translate(error)
-            if translated is None:
-                raise
-            raise translated from None
+    # -- building -----------------------------------------------------------------------------------------
+    def _record_trace(self, spec) -> None:
+        self.traces += 1
+        self.total_traces += 1
+        old = self.signatures[-1] if self.signatures else None
+        self.signatures.append(spec)
+        self.on_trace(TraceEvent(self.kind, self.traces, old, spec))
 
     def _release_gradient_entries(self, before: set | None) -> None:
-        # Gradients inside the step are taken during its own trace (by the tape), so the entries its
-        # trace registered are not needed afterwards; dropping them lets the graph go with the model.
-        registry = gradient_registry()
+        # Gradients inside the step are taken during its own trace (by the tape), so the custom-gradient
+        # entries this trace registered are not needed afterwards; dropping them lets the graph go with the
+        # model. Only entries that this graph's own ops use go: one a nested tf.function (which outlives
+        # this trace) or another thread registered meanwhile stays.
+        registry = _compat.gradient_registry()
         if registry is None or before is None:
             return
-        for name in [k for k in registry if k not in before and str(k).startswith(_CUSTOM_GRADIENT_PREFIX)]:
+        new = {k for k in registry if k not in before and str(k).startswith(_compat.CUSTOM_GRADIENT_PREFIX)}
+        if not new:
+            return
+        for name in new & _compat.custom_gradients_of(_compat.current_graph()):
             registry.pop(name, None)
             self.released_gradient_entries += 1
 
-    def _record_trace(self, kind: str, spec) -> None:
-        with self._lock:
-            self.trace_counts[kind] += 1
-            self.total_trace_counts[kind] += 1
-            old = self.signatures[kind][-1] if self.signatures[kind] else None
-            self.signatures[kind].append(spec)
-            event = TraceEvent(kind, self.trace_counts[kind], old, spec)
-        for listener in list(self.listeners):
-            listener(event)
-
-    def _make_step(self, kind: str, spec):
-        method = self._owner.step_method(kind)
+    def _build(self, spec):
+        method = self.method()
         strategy = self.strategy
-        reduction = "concat" if kind == "predict" else "auto"
+        reduction = "concat" if self.kind == "predict" else "auto"
+        check_inputs = self.check_inputs
 
         def one_step(data):
-            self._record_trace(kind, spec)  # Python side effect: runs once per trace, never per step
-            registry = gradient_registry()
+            self._record_trace(spec)  # Python side effect: runs once per trace, never per step
+            registry = _compat.gradient_registry()
             before = set(registry) if registry is not None else None
-            if getattr(self._owner, "check_inputs", False):
+            if check_inputs:
                 from safetrain.checks import finite_guard
                 data = finite_guard(data)
             try:
@@ -242,183 +186,153 @@ class StepFunctions:
             finally:
                 self._release_gradient_entries(before)
 
-        one_step.__name__ = f"safetrain_{kind}_step"
-        if not self._distributed(spec):
-            return _function(one_step, input_signature=[spec], jit_compile=self.jit_compile,
-                             autograph=False, reduce_retracing=False)
+        one_step.__name__ = f"safetrain_{self.kind}_step"
+        if not is_distributed(spec):
+            return function(one_step, input_signature=[spec], jit_compile=self.jit_compile, autograph=False,
+                             reduce_retracing=False)
         # Distributed values (one tensor per replica) have no relaxable input signature; relax on retrace.
-        return _function(one_step, jit_compile=self.jit_compile, autograph=False, reduce_retracing=True)
+        return function(one_step, jit_compile=self.jit_compile, autograph=False, reduce_retracing=True)
 
-    def step_function(self, kind: str, spec):
-        """The compiled step for `kind` that accepts batches of `spec`, building or widening it if needed."""
-        current = self._steps.get(kind)
-        if current is not None and (spec is current[2] or _accepts(current[0], spec)):
-            if spec is not current[2]:
-                self._steps[kind] = (current[0], current[1], spec)  # next call with this spec: O(1)
-            return current[1]
-        new_spec = spec if current is None else _supertype(current[0], spec)
-        fn = self._make_step(kind, new_spec)
-        self._steps[kind] = (new_spec, fn, spec)  # (compiled spec, function, last spec it accepted)
-        self._loops.pop(kind, None)  # the loop's graph holds the old step
-        return fn
+    def function_for(self, spec):
+        """The compiled step that accepts batches of `spec`, building or widening it if needed."""
+        if self.function is not None and (spec is self._last_spec or _accepts(self.spec, spec)):
+            self._last_spec = spec
+            return self.function
+        self.spec = spec if self.function is None else _supertype(self.spec, spec)
+        self.function = self._build(self.spec)
+        self._last_spec = spec
+        self._loop = self._fast = None  # the loop's graph holds the old step
+        return self.function
 
-    def _make_loop(self, kind: str, step, spec):
-        if self._distributed(spec):
-            return self._make_distributed_loop(kind, step)
-        if kind == "predict":
-            return self._make_predict_loop(step, spec)
-        watch = kind == "train" and self._stop_on_nonfinite
+    def _loopfunction(self):
+        if self._loop is None:
+            def counted():
+                self.loop_traces += 1
+            if is_distributed(self.spec):
+                self._loop = make_distributed_loop(self.function, counted)
+            elif self.kind == "predict":
+                self._loop = make_predict_loop(self.function, self.spec, counted)
+            else:
+                self._loop = make_loop(self.function, self.spec, self.kind == "train" and self.watch_nonfinite,
+                                       counted)
+            self._fast = None
+        return self._loop
 
-        def finite(outputs):
-            checks = [tf.reduce_all(tf.math.is_finite(o)) for o in tf.nest.flatten(outputs)
-                      if o.dtype.is_floating and o.shape.rank == 0]
-            return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+    # -- running ------------------------------------------------------------------------------------------
+    def chunk_limit(self, spec, exact: bool) -> int | None:
+        """The most steps one call may run on batches of `spec` (None: no limit).
 
-        def loop(iterator, n):
-            # Single-device (and default-strategy) inputs: the step's output spec comes from its concrete
-            # function, so the loop carries plain tensors (zeros until the first step), one `cond` per step.
-            # Measured faster than carrying the outputs as an Optional (Keras's pattern, which distributed
-            # inputs would need; those take `_make_distributed_loop`): safe/floor 0.95 vs 0.80 on the MLP.
-            self.loop_trace_counts[kind] += 1
-            out_specs = _output_specs(step.get_concrete_function(spec))
-            init = tf.nest.map_structure(_zeros, out_specs)
-            invariants = (tf.TensorShape([]), tf.TensorShape([]),
-                          tf.nest.map_structure(lambda s: s.shape, out_specs))
-
-            def cond(i, done, outputs):
-                return tf.logical_and(i < n, tf.logical_not(done))
-
-            def body(i, done, outputs):
-                nxt = iterator.get_next_as_optional()
-
-                def run():
-                    new = step(nxt.get_value())
-                    return i + 1, tf.logical_not(finite(new)) if watch else tf.constant(False), new
-
-                return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), outputs))
-
-            i, _, outputs = tf.while_loop(cond, body, (tf.constant(0), tf.constant(False), init),
-                                          shape_invariants=invariants)
-            return i, outputs
-
-        loop.__name__ = f"safetrain_{kind}_loop"
-        return _function(loop, autograph=False, reduce_retracing=True)
-
-    def _make_distributed_loop(self, kind: str, step):
-        """Under a multi-replica strategy the step may not sit inside a `tf.cond`: the optimizer's cross-replica
-        merge there leaves unfed placeholders (keras-team/keras#19246; Keras's own steps_per_execution > 1
-        fails the same way under MirroredStrategy here). So: `n - 1` steps in a counted loop, then one more
-        whose outputs are returned, when the caller knows that many batches are left (`exact`); else one
-        step per call, the end of the data showing as OutOfRangeError."""
-        def loop(iterator, n):
-            self.loop_trace_counts[kind] += 1
-
-            def body(i):
-                step(iterator.get_next())
-                return i + 1
-
-            tf.while_loop(lambda i: i < n - 1, body, [tf.constant(0)])
-            return n, step(iterator.get_next())
-
-        loop.__name__ = f"safetrain_{kind}_distributed_loop"
-        return _function(loop, autograph=False, reduce_retracing=True)
-
-    @staticmethod
-    def _distributed(spec) -> bool:
-        return not all(isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
-                       for s in tf.nest.flatten(spec))
-
-    def _make_predict_loop(self, step, spec):
-        def loop(iterator, n):
-            self.loop_trace_counts["predict"] += 1
-            out_specs = _output_specs(step.get_concrete_function(spec))
-            arrays = tf.nest.map_structure(
-                lambda s: tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False,
-                                         element_shape=s.shape), out_specs)
-
-            def cond(i, done, arrays):
-                return tf.logical_and(i < n, tf.logical_not(done))
-
-            def body(i, done, arrays):
-                nxt = iterator.get_next_as_optional()
-
-                def run():
-                    out = step(nxt.get_value())
-                    return i + 1, tf.constant(False), tf.nest.map_structure(lambda a, o: a.write(i, o), arrays, out)
-
-                return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), arrays))
-
-            i, _, arrays = tf.while_loop(cond, body, (tf.constant(0), tf.constant(False), arrays))
-            outputs = tf.nest.map_structure(
-                lambda a, s: tf.cond(i > 0, a.concat, lambda: _zeros(s)), arrays, out_specs)
-            return i, outputs
-
-        loop.__name__ = "safetrain_predict_loop"
-        return _function(loop, autograph=False, reduce_retracing=True)
-
-    # -- running --------------------------------------------------------------------------------------
-    def _n(self, n: int) -> tf.Tensor:
-        t = self._n_cache.get(n)
-        if t is None:
-            if len(self._n_cache) > 64:
-                self._n_cache.clear()
-            t = self._n_cache[n] = tf.constant(n, tf.int32)
-        return t
-
-    def chunk_limit(self, kind: str, spec, exact: bool) -> int | None:
-        """The most steps one call of `kind` may run on batches of `spec` (None: no limit).
-
-        Distributed loops run a fixed count (see `_make_distributed_loop`), so without a trusted count of
+        Distributed loops run a fixed count (see `make_distributed_loop`), so without a trusted count of
         the batches left (`exact`), for predict (per-step outputs) and when every step is checked for a
         non-finite loss, they run one step per call.
         """
-        if not self._distributed(spec):
+        if not is_distributed(spec):
             return None
-        if not exact or kind == "predict" or (kind == "train" and self._stop_on_nonfinite):
+        if not exact or self.kind == "predict" or (self.kind == "train" and self.watch_nonfinite):
             return 1
         return None
 
-    def run(self, kind: str, iterator, n: int, spec=None, exact: bool = False):
-        """Run up to `n` steps of `kind` on batches from `iterator`; returns `(steps_run, outputs)`.
+    def run_step(self, data, spec):
+        """Run one step on one batch (already a tensor structure) and return its outputs."""
+        return self.function_for(spec)(data)
+
+    def run(self, iterator, n: int, spec=None, exact: bool = False):
+        """Run up to `n` steps on batches from `iterator`; returns `(steps_run, outputs)`.
 
         `steps_run < n` means the iterator is exhausted. For "train"/"test", `outputs` are the last step's
         (zeros when no step ran); for "predict", the outputs of all steps, concatenated along the batch.
         """
-        from safetrain.data import relax_spec
-
         spec = relax_spec(iterator.element_spec) if spec is None else spec
-        step = self.step_function(kind, spec)
-        loop = self._loops.get(kind)
-        if loop is None:
-            loop = self._loops[kind] = self._make_loop(kind, step, self._steps[kind][0])
-            self._concrete.pop(kind, None)
-        per_replica = self._distributed(self._steps[kind][0])
-        if per_replica:
-            n = min(n, self.chunk_limit(kind, self._steps[kind][0], exact) or n)
-        try:
-            if not per_replica:
-                # Calling the traced concrete function skips tf.function's per-call dispatch (argument
-                # binding, trace-type lookup): measurable at a few steps per call. It is keyed on the spec
-                # object the caller passes (one per data source), and falls back to the dispatching call on
-                # any mismatch. A distributed iterator must go through the dispatch.
-                cached = self._concrete.get(kind)
-                if cached is not None and cached[0] is spec:
-                    try:
-                        steps_run, outputs = cached[1](iterator, self._n(n))
-                        return int(steps_run), outputs
-                    except (TypeError, ValueError):
-                        self._concrete.pop(kind, None)
-            steps_run, outputs = loop(iterator, self._n(n))
-            if not per_replica:
-                self._concrete[kind] = (spec, loop.get_concrete_function(iterator, self._n(n)))
+        self.function_for(spec)
+        loop = self._loopfunction()
+        count = _count(n)
+        if is_distributed(self.spec):
+            n = min(n, self.chunk_limit(self.spec, exact) or n)
+            try:
+                steps_run, outputs = loop(iterator, _count(n))  # a distributed iterator needs the dispatch
+            except tf.errors.OutOfRangeError:
+                return 0, None  # the loop's fixed count of steps met the end of the data
             return int(steps_run), outputs
-        except tf.errors.OpError as error:
-            if per_replica and isinstance(error, tf.errors.OutOfRangeError):
-                return 0, None  # a distributed loop's fixed count of steps met the end of the data
-            translated = faults.translate(error)
-            if translated is None:
-                raise
-            raise translated from None
+        # Calling the traced concrete function skips tf.function's per-call dispatch (argument binding,
+        # trace-type lookup): measurable at a few steps per call. It is keyed on the spec object the caller
+        # passes (one per data source), and falls back to the dispatching call on any mismatch.
+        if self._fast is not None and self._fast[0] is spec:
+            try:
+                steps_run, outputs = self._fast[1](iterator, count)
+                return int(steps_run), outputs
+            except (TypeError, ValueError):
+                self._fast = None
+        steps_run, outputs = loop(iterator, count)
+        self._fast = (spec, loop.get_concrete_function(iterator, count))
+        return int(steps_run), outputs
+
+
+_COUNTS: dict[int, tf.Tensor] = {}
+
+
+def _count(n: int) -> tf.Tensor:
+    """`n` as an int32 tensor, cached: a new Python int per call would cost a host-to-device constant."""
+    t = _COUNTS.get(n)
+    if t is None:
+        if len(_COUNTS) > 64:
+            _COUNTS.clear()
+        t = _COUNTS[n] = tf.constant(n, tf.int32)
+    return t
+
+
+class Steps:
+    """A trainer's three compiled steps, with their trace counts and trace listeners.
+
+    Example:
+        >>> trainer.steps.trace_counts
+        {'train': 1, 'test': 1, 'predict': 0}
+        >>> trainer.steps.listeners.append(print)     # told of every trace (a TraceEvent)
+    """
+
+    def __init__(self, method_for: Callable[[str], Callable], strategy: tf.distribute.Strategy | None = None,
+                 jit_compile: bool = False, check_inputs: bool = False) -> None:
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.jit_compile = bool(jit_compile)
+        self.listeners: list[Callable[[TraceEvent], None]] = []
+        self.kinds = {kind: CompiledStep(kind, lambda kind=kind: method_for(kind), self.strategy, self.jit_compile,
+                                         check_inputs, self._on_trace) for kind in KINDS}
+
+    def __getitem__(self, kind: str) -> CompiledStep:
+        return self.kinds[kind]
+
+    def _on_trace(self, event: TraceEvent) -> None:
+        for listener in list(self.listeners):
+            listener(event)
+
+    def reset(self, kind: str | None = None) -> None:
+        """Forget the compiled functions of `kind` (all kinds when None): an explicit rebuild, e.g. after
+        re-hydration. Trace counts start again; `total_trace_counts` keeps counting."""
+        for k in KINDS if kind is None else (kind,):
+            self.kinds[k].reset()
+
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        return {k: s.traces for k, s in self.kinds.items()}
+
+    @property
+    def total_trace_counts(self) -> dict[str, int]:
+        return {k: s.total_traces for k, s in self.kinds.items()}
+
+    @property
+    def loop_trace_counts(self) -> dict[str, int]:
+        return {k: s.loop_traces for k, s in self.kinds.items()}
+
+    @property
+    def signatures(self) -> dict[str, list]:
+        return {k: s.signatures for k, s in self.kinds.items()}
+
+    @property
+    def released_gradient_entries(self) -> int:
+        return sum(s.released_gradient_entries for s in self.kinds.values())
+
+    def run(self, kind: str, iterator, n: int, spec=None, exact: bool = False):
+        """`self[kind].run(...)`: up to `n` steps of `kind`; returns `(steps_run, outputs)`."""
+        return self.kinds[kind].run(iterator, n, spec, exact)
 
 
 class ChunkSizer:

@@ -7,7 +7,8 @@ import tensorflow as tf
 from conftest import make_mlp, regression_data
 
 from safetrain import SafeTrainer
-from safetrain.data import EpochIterator, as_batches
+from safetrain.data import as_batches
+from safetrain.epochs import EpochIterator
 
 
 def batches_of(b, epoch=0):

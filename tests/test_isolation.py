@@ -65,4 +65,6 @@ def test_a_run_under_a_tight_budget_restarts_itself_and_ends_bit_identical(tmp_p
     result = json.loads(out.read_text())
     assert result["restarts"] == 5  # after epochs 1-5 of 6 (not after the last)
     assert result["resumed_from"] is not None
+    # Each process's callbacks heard on_train_end (writers flushed) before it was replaced, and the last's.
+    assert len((tmp_path / "train_ends").read_text().split()) == 6
     assert_identical(result, reference)

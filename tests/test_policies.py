@@ -10,7 +10,7 @@ import pytest
 from conftest import make_mlp, regression_data
 
 from safetrain import (ClearSession, GarbageCollect, LeakDetector, LeakWarning, MemoryBudget, MemoryBudgetExceeded,
-                       Policy, ResetStates, RetraceError, RetraceGuard, SafeTrainer, TrimMalloc, policies)
+                       Policy, ResetStates, RetraceError, RetraceGuard, SafeTrainer, TrimMalloc, memory)
 
 x, y = regression_data(n=64)
 
@@ -173,21 +173,21 @@ def test_trim_malloc_calls_glibc_on_schedule(monkeypatch):
         def malloc_trim(self, pad):
             calls.append(pad)
 
-    monkeypatch.setattr(policies, "_LIBC", FakeLibc())
+    monkeypatch.setattr(memory, "_LIBC", FakeLibc())
     SafeTrainer(make_mlp(), policies=[TrimMalloc(every_n_epochs=2)]).fit(x, y, epochs=5, verbose=0)
     assert calls == [0, 0]
 
 
 def test_trim_malloc_without_glibc_warns_once_and_does_nothing(monkeypatch):
-    monkeypatch.setattr(policies, "_LIBC", False)
-    monkeypatch.setattr(policies, "_TRIM_WARNED", False)
+    monkeypatch.setattr(memory, "_LIBC", False)
+    monkeypatch.setattr(memory, "_TRIM_WARNED", False)
     with pytest.warns(RuntimeWarning, match="only available with glibc") as record:
         SafeTrainer(make_mlp(), policies=[TrimMalloc()]).fit(x, y, epochs=3, verbose=0)
     assert len([w for w in record if "glibc" in str(w.message)]) == 1
 
 
 def test_trim_malloc_really_runs_here():
-    assert policies.trim_malloc() is True  # glibc on this platform
+    assert memory.trim_malloc() is True  # glibc on this platform
 
 
 # -- MemoryBudget --------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_trained_steps_leave_nothing_in_tensorflow_s_gradient_registry():
 def test_tensorflow_still_registers_a_gradient_per_traced_optimizer_step():
     # The mechanism safetrain undoes: if a TensorFlow upgrade stops registering a custom gradient per
     # trace (or moves the registry), this fails and the cleanup in safetrain/steps.py must be revisited.
-    from safetrain.steps import gradient_registry
+    from safetrain._compat import gradient_registry
 
     registry = gradient_registry()
     assert registry is not None, "tensorflow.python.framework.ops._gradient_registry moved"
@@ -256,3 +256,76 @@ def test_rehydrating_mid_epoch_keeps_metric_state_and_data_position():
             assert plain[1][key] == history[key], key
     for a, b in zip(plain[0].model.get_weights(), trainer.model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_rehydration_keeps_the_old_model_usable():
+    calls = []
+
+    def flaky_factory():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the factory failed this time")
+        return sequential()
+
+    x, y = regression_data(n=64)
+    trainer = SafeTrainer(flaky_factory)
+    trainer.fit(x, y, epochs=1, verbose=0)
+    old = trainer.model
+    with pytest.raises(RuntimeError, match="failed this time"):
+        trainer.rehydrate()
+    assert trainer.model is old
+    history = trainer.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1]) and int(trainer.model.optimizer.iterations) == 2 * 2
+
+
+class UnrebuildableAdam(keras.optimizers.Adam):
+    """An optimizer that cannot be re-created from its config (and is not registered)."""
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        raise ValueError("this optimizer cannot be rebuilt")
+
+
+def test_a_compile_argument_that_cannot_be_recreated_is_refused_before_training():
+    model = sequential()
+    model.compile(optimizer=UnrebuildableAdam(), loss="mse")
+    x, y = regression_data(n=64)
+    trainer = SafeTrainer(model, policies=[ClearSession()])
+    with pytest.raises(ConfigurationError, match=r"compile argument `optimizer` \(UnrebuildableAdam\)"):
+        trainer.fit(x, y, epochs=2, verbose=0)
+    assert trainer.model.optimizer.iterations.numpy() == 0  # refused before any step
+
+
+@tf.function(input_signature=[tf.TensorSpec([None, 16], tf.float32)])
+def _soft_clip(t):
+    # A function that outlives any one trainer (module level), with a custom gradient inside: its gradient
+    # entry must survive the cleanup of the step trace that first calls it.
+    @tf.custom_gradient
+    def clip(v):
+        return tf.clip_by_value(v, -3.0, 3.0), lambda dy: dy
+
+    return clip(t)
+
+
+class SoftClip(keras.layers.Layer):
+    calls_function = False  # off while models are built, so that a step's trace is the first to call it
+
+    def call(self, inputs):
+        return _soft_clip(inputs) if SoftClip.calls_function else tf.clip_by_value(inputs, -3.0, 3.0)
+
+
+def test_gradient_cleanup_keeps_the_entries_of_functions_that_outlive_the_step():
+    def build():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), SoftClip(), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    first, second = SafeTrainer(build()), SafeTrainer(build())
+    SoftClip.calls_function = True
+    try:
+        first.predict(x, verbose=0)  # _soft_clip is traced inside the predict step's trace
+        history = second.fit(x, y, epochs=1, verbose=0)  # differentiates through that same traced function
+    finally:
+        SoftClip.calls_function = False
+    assert np.isfinite(history.history["loss"][0])

@@ -77,8 +77,9 @@ def test_auto_runs_many_steps_per_call_without_batch_hooks():
     x, y = regression_data(n=640)
     trainer = SafeTrainer(make_mlp())
     calls = []
-    run = trainer.steps.run
-    trainer.steps.run = lambda kind, it, n, spec=None, **kw: calls.append(n) or run(kind, it, n, spec, **kw)
+    step = trainer.steps["train"]
+    run = step.run
+    step.run = lambda it, n, spec=None, **kw: calls.append(n) or run(it, n, spec, **kw)
     trainer.fit(x, y, batch_size=4, epochs=2, verbose=0)
     assert int(trainer.model.optimizer.iterations) == 320
     assert len(calls) < 320 / 4 and max(calls) > 8

@@ -5,7 +5,8 @@ Environment switches (test-only, set by the parent test):
                                    CKPT_DIR/../writing holding the write's number meanwhile (so that a
                                    kill can land mid-write)
 The script creates CKPT_DIR/../started when training begins (after TensorFlow's import and the build), so
-that a parent can time a kill from there.
+that a parent can time a kill from there, and adds a line to CKPT_DIR/../train_ends whenever callbacks hear
+`on_train_end`.
     NO_CHECKPOINT=1                train without the Checkpoint policy (the uninterrupted reference)
     RESTART_OVER_MB=mib            add MemoryBudget(mib, action="restart"): re-exec after every epoch whose
                                    end finds RSS over that
@@ -72,6 +73,10 @@ class Slow(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         time.sleep(0.2)
+
+    def on_train_end(self, logs=None):  # also before a restart: callbacks are flushed then
+        with open(os.path.join(folder, "train_ends"), "a") as f:
+            f.write(f"{os.getpid()}\n")
 
 
 history = trainer.fit(x, y, batch_size=16, epochs=6, validation_split=0.25, verbose=0, callbacks=[Slow()])

@@ -1,0 +1,381 @@
+"""The training loop: `fit`, `evaluate` and `predict` as named stages, with one event dispatcher.
+
+    fit ─► train_begin ─► for each epoch: epoch_begin ─► run_pass("train") ─► validate ─► epoch_end ─► train_end
+    run_pass ─► run_chunk ... (each chunk is many compiled steps) until a `StopPass`
+
+Callbacks, policies and the progress bar (an ordinary callback) all hear the same `Events`. How a pass, an
+epoch or a run ends is an exception (`StopPass`, `StopTraining`) caught in one place, not flags threaded
+through the loop. The trainer is read afresh after every stage: a policy may have re-hydrated its model.
+
+Example:
+    >>> Loop(trainer).fit(train_batches, val_batches, epochs=3, callbacks=callbacks, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import tree
+from keras.callbacks import CallbackList
+
+from safetrain import _compat, distributed, microbatch
+from safetrain.data import Batches
+from safetrain.epochs import EpochIterator
+from safetrain.errors import StopPass, StopTraining, step_error
+from safetrain.progress import ProgressBar
+from safetrain.steps import ChunkSizer
+
+__all__ = ["Loop", "Events", "catch_stop", "concat"]
+
+_BATCH_HOOKS = {
+    "train": ("on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end"),
+    "test": ("on_test_batch_begin", "on_test_batch_end"),
+    "predict": ("on_predict_batch_begin", "on_predict_batch_end"),
+}
+# What a failing step raises when its data (or the model on that data) is at fault; named by `step_error`.
+_STEP_FAILURES = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.FailedPreconditionError,
+                  tf.errors.CancelledError)
+_CALLS = {"train": "fit", "test": "evaluate", "predict": "predict"}
+
+
+def _overrides(callback, hook: str) -> bool:
+    return not getattr(getattr(callback, hook), "_is_default", False)
+
+
+@contextlib.contextmanager
+def catch_stop(kind: type[BaseException] = StopPass) -> Iterator[None]:
+    """The one place a pass (or a run, with `StopTraining`) ends early: the stage raising it is done."""
+    try:
+        yield
+    except kind:
+        pass
+
+
+def _all_finite(logs) -> bool:
+    """True when every float scalar in a step's outputs is finite (one device read per chunk)."""
+    values = [v for v in tree.flatten(logs) if hasattr(v, "dtype") and v.dtype.is_floating and v.shape.rank == 0]
+    return bool(np.all(np.isfinite([float(v) for v in values]))) if values else True
+
+
+class Events:
+    """One dispatcher for a run's listeners: Keras callbacks (the progress bar among them) and policies.
+
+    A callback that overrides a per-batch hook of a kind makes that kind run one step per call and hear
+    every step (as under `model.fit`); callbacks marked `chunk_safe` (the progress bar) instead hear the
+    last step of every chunk, so training keeps running many steps per call.
+    """
+
+    def __init__(self, trainer, callbacks: CallbackList) -> None:
+        self.trainer = trainer
+        self.callbacks = callbacks
+        listeners = callbacks.callbacks
+        self.per_step = {kind: any(not getattr(cb, "chunk_safe", False) and any(_overrides(cb, h) for h in hooks)
+                                   for cb in listeners) for kind, hooks in _BATCH_HOOKS.items()}
+        self.per_chunk = {kind: [cb for cb in listeners if getattr(cb, "chunk_safe", False)
+                                 and _overrides(cb, f"on_{kind}_batch_end")] for kind in _BATCH_HOOKS}
+
+    def chunk_begin(self, kind: str, step: int) -> None:
+        if self.per_step[kind]:
+            getattr(self.callbacks, f"on_{kind}_batch_begin")(step)
+
+    def chunk_end(self, kind: str, last_step: int, logs) -> None:
+        if self.per_step[kind]:
+            getattr(self.callbacks, f"on_{kind}_batch_end")(last_step, logs)
+            return
+        for cb in self.per_chunk[kind]:
+            getattr(cb, f"on_{kind}_batch_end")(last_step, logs)
+
+    def steps_done(self, steps: int) -> None:
+        """Training steps ran: the policies that asked to see this global step do."""
+        policies = self.trainer.policies
+        if policies.wants_batches:
+            policies.on_batch_end(self.trainer, self.trainer.progress.global_step)
+
+    def nonfinite(self, epoch: int, step: int, logs) -> None:
+        self.trainer.policies.on_nonfinite_loss(self.trainer, epoch, step, _compat.pythonify_logs(logs))
+
+    def train_begin(self) -> None:
+        self.callbacks.on_train_begin()
+        self.trainer.policies.on_train_begin(self.trainer)
+
+    def epoch_begin(self, epoch: int) -> None:
+        self.callbacks.on_epoch_begin(epoch)
+        self.trainer.policies.on_epoch_begin(self.trainer, epoch)
+
+    def epoch_end(self, epoch: int, logs: dict, sample) -> None:
+        self.callbacks.on_epoch_end(epoch, logs)
+        self.trainer.progress.epoch = epoch + 1  # a snapshot taken now resumes at the next epoch
+        self.trainer.policies.on_epoch_end(self.trainer, epoch, logs, sample)
+
+
+
+class Loop:
+    """Runs the trainer's compiled steps over batches, stage by stage. One per call of fit/evaluate/predict."""
+
+    def __init__(self, trainer, callbacks: Iterable | None, *, verbose: int, epochs: int = 1,
+                 steps: int | None = None, add_history: bool = False) -> None:
+        self.trainer = trainer
+        callbacks, self._cleanup = distributed.callbacks_for_worker(trainer.strategy, callbacks)
+        callbacks = list(callbacks or [])
+        # One progress bar per run, the chief's; an ordinary callback, last so that it shows every key.
+        self.bar = ProgressBar(verbose) if verbose and trainer.is_chief else None
+        if self.bar is not None:
+            callbacks.append(self.bar)
+        self.callbacks = CallbackList(callbacks, add_history=add_history, add_progbar=False, verbose=verbose,
+                                      epochs=epochs, steps=steps, model=trainer.model)
+        self.events = Events(trainer, self.callbacks)
+        self.last_logs = None  # the last step's logs of the pass running (train and test)
+
+    # -- fit --------------------------------------------------------------------------------------------------
+    def fit(self, train: Batches, val: Batches | None, *, epochs: int, initial_epoch: int, steps_per_epoch,
+            validation_steps, validation_freq) -> keras.callbacks.History:
+        trainer, events = self.trainer, self.events
+        data = EpochIterator(train, steps_per_epoch, trainer.strategy)
+        trainer.watch_nonfinite(trainer.policies.watches_nonfinite)
+        trainer.model.stop_training = False
+        trainer.progress.epochs_target = epochs
+        trainer.callbacks = self.callbacks
+        logs = None
+        try:
+            try:
+                events.train_begin()
+                start, resume = self._starting_point(initial_epoch)
+                trainer.progress.position = data.position
+                with catch_stop(StopTraining):
+                    for epoch in range(start, epochs):
+                        trainer.progress.epoch = epoch
+                        if resume is None or resume.epoch_steps == 0:
+                            trainer.model.reset_metrics()  # a resumed half epoch keeps its metric state
+                        events.epoch_begin(epoch)
+                        if resume is not None and resume.pass_batches:
+                            data.resume(epoch, resume)
+                        else:
+                            data.start(epoch)
+                        resume = None
+                        logs = self.train_epoch(data, epoch, first=epoch == start)
+                        if val is not None and _due(epoch, validation_freq):
+                            logs.update({f"val_{k}": v for k, v in self.evaluate(val, validation_steps).items()})
+                        logs = self.epoch_end(epoch, logs)
+                        if trainer.model.stop_training:
+                            raise StopTraining
+                model = trainer.model
+                if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
+                    model.optimizer.finalize_variable_values(model.trainable_weights)
+            finally:
+                trainer.policies.on_train_end(trainer)  # also after an error: policies undo what they set
+            self.callbacks.on_train_end(logs=logs)
+        finally:
+            self.close()
+        return trainer.model.history
+
+    def _starting_point(self, initial_epoch: int):
+        """The first epoch, and the data position to resume at when a checkpoint was loaded (else None)."""
+        trainer = self.trainer
+        resumed = trainer.take_resume()
+        if resumed is None:
+            return _compat.initial_epoch(trainer.model) or initial_epoch, None
+        history = _compat.history_of(self.callbacks)
+        if resumed.get("history") is not None and history is not None:
+            history.epoch = list(resumed["history"]["epoch"])
+            history.history = {k: list(v) for k, v in resumed["history"]["history"].items()}
+        return trainer.progress.epoch, resumed["position"]
+
+    def train_epoch(self, data: EpochIterator, epoch: int, first: bool) -> dict:
+        logs = self.run_pass("train", data, self.chunk_sizer("train"))
+        steps_done = data.steps_done
+        data.finish()
+        if steps_done == 0 and first and data.num_batches in (None, 0):
+            raise ValueError("fit: `x` yielded no batches; there is nothing to train on.")
+        return dict(_epoch_logs(self.trainer.model, logs))
+
+    def epoch_end(self, epoch: int, logs: dict) -> dict:
+        trainer = self.trainer
+        logs = _compat.pythonify_logs(logs)
+        if trainer.progress.microbatch_size is not None:
+            logs["microbatch_size"] = trainer.progress.microbatch_size
+        sample = trainer.sample_memory(epoch)
+        trainer.memory.append(sample)
+        if trainer.memory_logs:
+            logs.update(sample.as_logs())
+        self.events.epoch_end(epoch, logs, sample)
+        return logs
+
+    def close(self) -> None:
+        """After the run, also after an error: the bar is closed, worker-only folders removed."""
+        if self.bar is not None:
+            self.bar.close()
+        self.trainer.watch_nonfinite(False)  # on only while a fit whose policies watch runs
+        self.trainer.callbacks = None
+        self.trainer.progress.position = None
+        self._cleanup()
+
+    # -- evaluate and predict ------------------------------------------------------------------------------
+    def evaluate(self, batches: Batches, steps: int | None) -> dict:
+        """One evaluation pass (on its own, or validation inside fit); returns the logs as Python numbers."""
+        trainer = self.trainer
+        trainer.model.reset_metrics()
+        trainer.model.stop_evaluating = False
+        self.callbacks.on_test_begin()
+        data = EpochIterator(batches, steps, trainer.strategy)
+        data.start(0)
+        try:
+            logs = self.run_pass("test", data, self.chunk_sizer("test"))
+        finally:
+            data.finish()
+        logs = _compat.pythonify_logs(_epoch_logs(trainer.model, logs))
+        self.callbacks.on_test_end(logs)
+        return logs
+
+    def predict(self, batches: Batches, steps: int | None) -> list:
+        """One prediction pass; returns the outputs of each chunk, as NumPy (ragged/sparse kept as tensors)."""
+        trainer, pieces = self.trainer, []
+
+        def keep(outputs):
+            pieces.append(tree.map_structure(
+                lambda t: t if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) else t.numpy(), outputs))
+
+        trainer.model.stop_predicting = False
+        self.callbacks.on_predict_begin()
+        data = EpochIterator(batches, steps, trainer.strategy)
+        data.start(0)
+        try:
+            self.run_pass("predict", data, self.chunk_sizer("predict"), on_output=keep)
+        finally:
+            data.finish()
+        self.callbacks.on_predict_end()
+        return pieces
+
+    # -- one pass, chunk by chunk --------------------------------------------------------------------------
+    def chunk_sizer(self, kind: str) -> ChunkSizer:
+        """Steps per compiled call for a pass of `kind`: one when a callback needs every step (as Keras)."""
+        trainer = self.trainer
+        if self.events.per_step[kind] and trainer.steps_per_execution == "auto":
+            return ChunkSizer(1)
+        agree = None
+        if distributed.is_multi_worker(trainer.strategy):  # every worker must run the same chunks
+            def agree(size: int) -> int:
+                return distributed.min_across_workers(trainer.strategy, size)
+        return ChunkSizer(trainer.steps_per_execution, agree=agree)
+
+    def run_pass(self, kind: str, data: EpochIterator, chunks: ChunkSizer, on_output: Callable | None = None):
+        """Run chunks of `kind` until the data ends or something stops the pass; returns the last logs."""
+        self.last_logs = None
+        with catch_stop():
+            while True:
+                self.run_chunk(kind, data, chunks, on_output)
+        return self.last_logs
+
+    def run_chunk(self, kind: str, data: EpochIterator, chunks: ChunkSizer, on_output: Callable | None) -> None:
+        """One compiled call of up to `chunks.next()` steps, then its events (`last_logs` holds the last
+        step's logs); raises `StopPass` when the pass is done."""
+        trainer, events = self.trainer, self.events
+        remaining = data.remaining()
+        if remaining == 0:
+            raise StopPass
+        counting = kind == "train" and trainer.model.optimizer is not None
+        boundary = trainer.policies.steps_to_next_batch_hook(trainer.progress.global_step) if kind == "train" \
+            else None
+        step = trainer.steps[kind]
+        n = chunks.next(remaining, boundary)
+        n = min(n, step.chunk_limit(data.element_spec, remaining is not None) or n)
+        first = data.steps_done
+        events.chunk_begin(kind, first)
+        before = _iterations(trainer.model) if counting else None
+        t0 = time.perf_counter()
+        try:
+            ran, outputs = step.run(data.iterator, n, data.element_spec, exact=remaining is not None)
+        except tf.errors.ResourceExhaustedError as error:
+            if not (counting and trainer.oom_recovery):
+                raise
+            # The data is advanced past the completed steps and the retried batch by the recovery itself.
+            ran, outputs = microbatch.recover_from_oom(trainer, data, ran_before_failure=(
+                _iterations(trainer.model) - before), error=error)
+            n = ran
+            nonfinite = step.watch_nonfinite and not _all_finite(outputs)
+        except _STEP_FAILURES as error:
+            if isinstance(error, distributed.COLLECTIVE_ERRORS) and distributed.is_multi_worker(trainer.strategy):
+                raise  # a peer failed, not this data: `fit` reports it as WorkerFailure
+            raise self._step_error(kind, data, before, n, error) from error
+        else:
+            chunks.observe(ran, n, time.perf_counter() - t0)
+            # A chunk cut short by a non-finite loss did not run out of data.
+            nonfinite = kind == "train" and step.watch_nonfinite and ran > 0 and not _all_finite(outputs)
+            data.advance(ran, ran if nonfinite else n)
+        if ran:
+            last = first + ran - 1
+            if kind == "predict":
+                on_output(outputs)
+                events.chunk_end(kind, last, {"outputs": outputs})
+            else:
+                logs = self.last_logs = outputs
+                events.chunk_end(kind, last, logs)
+            if kind == "train":
+                trainer.progress.global_step += ran
+                if nonfinite:
+                    events.nonfinite(trainer.progress.epoch, last, logs)
+                events.steps_done(ran)
+        if ran < n or _stopped(trainer.model, kind):
+            raise StopPass
+
+    def _step_error(self, kind: str, data: EpochIterator, iterations_before: int | None, n: int,
+                    error: Exception) -> Exception:
+        """A step failed on its data: say where (epoch, batch) and why, keeping the original's class."""
+        start = data.steps_done
+        if iterations_before is not None:
+            where = f"batch {start + _iterations(self.trainer.model) - iterations_before}"
+        else:
+            where = f"batch {start}" if n == 1 else f"batches {start}-{start + n - 1}"
+        cause = _error_line(str(getattr(error, "message", error))) or type(error).__name__
+        epoch = f"epoch index {self.trainer.progress.epoch}, " if kind == "train" else ""
+        return step_error(error, f"{_CALLS[kind]}: {epoch}{where} failed: {cause}")
+
+
+def _iterations(model) -> int:
+    # `.numpy()`: under a distribution strategy the variable is a MirroredVariable, which int() refuses.
+    return int(model.optimizer.iterations.numpy())
+
+
+def _epoch_logs(model, logs) -> dict:
+    """Epoch logs: the model's metric results when the step returned them (as Keras does), else the last
+    step's logs (custom steps returning other keys)."""
+    metric_logs = model.get_metrics_result()
+    if isinstance(logs, dict) and set(logs) == set(metric_logs):
+        return metric_logs
+    return logs if logs is not None else {}
+
+
+def concat(parts: list):
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+            return np.concatenate(parts, axis=0)
+        out = _compat.potentially_ragged_concat([tf.convert_to_tensor(p) for p in parts])
+        return out.numpy() if hasattr(out, "numpy") and not isinstance(out, tf.RaggedTensor) else out
+    return _compat.potentially_ragged_concat([tf.convert_to_tensor(p) if isinstance(p, np.ndarray) else p
+                                              for p in parts])
+
+
+def _stopped(model, kind: str) -> bool:
+    flag = {"train": "stop_training", "test": "stop_evaluating", "predict": "stop_predicting"}[kind]
+    return bool(getattr(model, flag, False))
+
+
+def _due(epoch: int, validation_freq) -> bool:
+    if isinstance(validation_freq, int):
+        return (epoch + 1) % validation_freq == 0
+    return (epoch + 1) in validation_freq
+
+
+def _error_line(message: str) -> str:
+    """The line of a TensorFlow error that says what went wrong (not its traceback or node names)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    skip = ("File ", "[[", "Detected at node", "Graph execution error", "Traceback (most recent", "[Op:")
+    useful = [ln for ln in lines if not ln.startswith(skip) and "(most recent call last)" not in ln]
+    line = useful[-1] if useful else (lines[0] if lines else "")
+    return line.split("[[")[0].strip()

@@ -1,0 +1,200 @@
+"""Policies that keep memory in check: re-hydrate, collect, trim, budget, and watch for leaks.
+
+Example:
+    >>> SafeTrainer(model, policies=[ClearSession(every_n_epochs=5), MemoryBudget(6000)]).fit(x, y, epochs=50)
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+
+from safetrain import diagnostics, distributed, isolation, memory
+from safetrain.errors import ConfigurationError, LeakWarning, MemoryBudgetExceeded
+from safetrain.memory import trim_malloc
+from safetrain.policies.base import Policy, choice, positive_int
+from safetrain.policies.training import Checkpoint, ResetStates
+
+__all__ = ["ClearSession", "GarbageCollect", "TrimMalloc", "MemoryBudget", "LeakDetector"]
+
+
+class ClearSession(Policy):
+    """Re-hydrate every `every_n_epochs` epochs: clear the Keras session and continue exactly.
+
+    The model must rebuild from its config, or the trainer must have a factory; that is checked before the
+    first epoch.
+
+    Example:
+        >>> SafeTrainer(build_model, policies=[ClearSession(every_n_epochs=5)]).fit(x, y, epochs=50)
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = positive_int("every_n_epochs", every_n_epochs)
+
+    def on_train_begin(self, trainer):
+        trainer.check_rehydratable()
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        last = epoch + 1 >= trainer.progress.epochs_target or trainer.model.stop_training
+        if (epoch + 1) % self.every_n_epochs == 0 and not last:
+            trainer.rehydrate()
+
+
+class GarbageCollect(Policy):
+    """Run Python's cyclic garbage collector every `every_n_epochs` epochs."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = positive_int("every_n_epochs", every_n_epochs)
+        self.collected = 0
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if (epoch + 1) % self.every_n_epochs == 0:
+            self.collected += gc.collect()
+
+
+class TrimMalloc(Policy):
+    """Hand freed heap pages back to the OS (`malloc_trim(0)`, glibc) every `every_n_epochs` epochs."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = positive_int("every_n_epochs", every_n_epochs)
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if (epoch + 1) % self.every_n_epochs == 0:
+            trim_malloc()
+
+
+class MemoryBudget(Policy):
+    """Act when resident memory exceeds `max_rss_mb`, checked after each epoch and every `check_every` steps.
+
+    Args:
+        max_rss_mb: the budget, in MiB of resident memory.
+        action: "rehydrate" (clear the session and continue exactly), "stop" (end training cleanly after
+            the current step, History intact), "raise" (`MemoryBudgetExceeded`, carrying the series) or
+            "restart" (write a checkpoint with the trainer's `Checkpoint` policy, then re-execute the same
+            command line in this process with `os.execv`; the new process resumes exactly). A restart that
+            made no progress since the process started is not repeated (a warning says so), nor is one
+            beyond `max_restarts`.
+        check_every: also check every this many training steps (None: only at epoch end).
+        max_restarts: for "restart", how many restarts in a row are allowed.
+
+    Example:
+        >>> SafeTrainer(model, policies=[Checkpoint("runs/a"), MemoryBudget(6000, action="restart")])
+    """
+
+    def __init__(self, max_rss_mb: float, action: str = "rehydrate", check_every: int | None = None,
+                 max_restarts: int = 100) -> None:
+        if isinstance(max_rss_mb, bool) or not isinstance(max_rss_mb, (int, float)) or max_rss_mb <= 0:
+            raise ValueError(f"`max_rss_mb` must be a positive number, got {max_rss_mb!r}.")
+        self.max_rss_mb = float(max_rss_mb)
+        self.action = choice("action", action, ("rehydrate", "stop", "raise", "restart"))
+        self.every_n_batches = None if check_every is None else positive_int("check_every", check_every)
+        self.max_restarts = positive_int("max_restarts", max_restarts)
+        self.events: list[tuple[str, int | None, float]] = []
+        self._process_start_step: int | None = None
+
+    def on_train_begin(self, trainer):
+        if self.action == "restart" and distributed.is_multi_worker(trainer.strategy):
+            raise ConfigurationError("MemoryBudget(action='restart') is not supported in a multi-worker run (the "
+                                     "workers would have to restart together); use action='rehydrate' or "
+                                     "'raise', or restart the job from its Checkpoint with your scheduler.")
+        if self.action == "rehydrate":
+            trainer.check_rehydratable()
+        if self.action == "restart" and trainer.policies.find(Checkpoint) is None:
+            raise ConfigurationError("MemoryBudget(action='restart') needs a Checkpoint policy in the same "
+                                     "trainer: the restarted process resumes from its checkpoint.")
+
+    def on_epoch_begin(self, trainer, epoch):
+        if self._process_start_step is None:  # after every on_train_begin, a resume included
+            self._process_start_step = trainer.progress.global_step
+
+    def _check(self, trainer, sample, where: str, step: int | None) -> None:
+        if sample.rss_mb <= self.max_rss_mb:
+            return
+        self.events.append((where, step, sample.rss_mb))
+        if self.action == "rehydrate":
+            trainer.rehydrate()
+        elif self.action == "stop":
+            trainer.stop()
+        elif self.action == "restart":
+            self._restart(trainer, sample)
+        else:
+            raise MemoryBudgetExceeded(
+                f"Resident memory {sample.rss_mb:.1f} MiB exceeds the budget of {self.max_rss_mb:.1f} MiB "
+                f"({where}{'' if step is None else f' {step}'}, epoch {sample.epoch}).", trainer.memory, sample)
+
+    def _restart(self, trainer, sample) -> None:
+        restarts = int(os.environ.get(isolation.RESTARTS_ENV, "0"))
+        if trainer.progress.global_step <= (self._process_start_step or 0):
+            warnings.warn(f"MemoryBudget: {sample.rss_mb:.1f} MiB is over the budget of {self.max_rss_mb:.1f} MiB "
+                          "right after a restart, before any progress; not restarting again (raise the budget).",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if restarts >= self.max_restarts:
+            warnings.warn(f"MemoryBudget: over budget, but {restarts} restarts already (max_restarts); going on.",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if not trainer.restart():
+            warnings.warn("MemoryBudget: the checkpoint before the restart failed; not restarting.",
+                          RuntimeWarning, stacklevel=3)
+
+    def on_batch_end(self, trainer, step, sample):
+        self._check(trainer, sample, "step", step)
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if self.action == "restart" and epoch + 1 >= trainer.progress.epochs_target:
+            return  # nothing left to train: a restart would only resume a finished run
+        self._check(trainer, sample, "end of epoch", epoch)
+
+
+class LeakDetector(Policy):
+    """Warn once, with a diagnosis, when RSS grows faster than `threshold_mb_per_epoch` over `window` epochs.
+
+    The diagnosis (also in `detector.report`) gives the trace counts, the Python object types that grew
+    most (by bytes) since the first epoch, the growth in live Keras models and TensorFlow function graphs,
+    and the policy that would help. With `rehydrate=True` it also re-hydrates whenever it fires. It takes a
+    census of live objects after the first epoch and again when it fires (about a second each); the
+    slope is fitted from the second epoch on.
+
+    Example:
+        >>> detector = LeakDetector(window=10, threshold_mb_per_epoch=1.0)
+        >>> SafeTrainer(model, policies=[detector]).fit(x, y, epochs=50)
+        >>> detector.report["suggestion"]
+    """
+
+    def __init__(self, window: int = 10, threshold_mb_per_epoch: float = 1.0, rehydrate: bool = False) -> None:
+        self.window = positive_int("window", window)
+        if self.window < 3:
+            raise ValueError(f"`window` must be at least 3 epochs to fit a slope, got {window}.")
+        if isinstance(threshold_mb_per_epoch, bool) or not isinstance(threshold_mb_per_epoch, (int, float)):
+            raise TypeError(f"`threshold_mb_per_epoch` must be a number, got {threshold_mb_per_epoch!r}.")
+        self.threshold_mb_per_epoch = float(threshold_mb_per_epoch)
+        self.rehydrate = bool(rehydrate)
+        self.report: dict | None = None
+        self._baseline: dict | None = None
+        self._start: int | None = None
+
+    def on_train_begin(self, trainer):
+        if self._start is None:
+            # Slopes start after the first epoch: its sample holds tracing, warm-up and the object census.
+            self._start = len(trainer.memory) + 1
+        if self.rehydrate:
+            trainer.check_rehydratable()
+
+    def on_epoch_end(self, trainer, epoch, logs, sample):
+        if self._baseline is None:
+            # After the first epoch: tracing and warm-up are done, what grows from here on is the leak.
+            self._baseline = diagnostics.baseline(trainer, sample)
+        series = trainer.memory.series("rss_mb")[self._start or 0:]
+        if len(series) < self.window:
+            return
+        growth = memory.slope(series[-self.window:])
+        if growth <= self.threshold_mb_per_epoch:
+            return
+        if self.report is None:
+            self.report = diagnostics.diagnose(trainer, self._baseline, growth, self.window,
+                                               self.threshold_mb_per_epoch, sample,
+                                               resets=trainer.policies.find(ResetStates) is not None)
+            warnings.warn(self.report["text"], LeakWarning, stacklevel=2)
+        if self.rehydrate:
+            trainer.rehydrate()

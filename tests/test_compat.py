@@ -1,0 +1,64 @@
+"""Every private Keras/TensorFlow name safetrain uses still exists and does what safetrain relies on.
+
+An upgrade that moves one fails here, naming it, rather than somewhere inside a training run.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from conftest import make_mlp
+
+from safetrain import _compat
+
+
+def test_every_private_name_is_importable():
+    missing = [name for name in _compat.__all__ if not hasattr(_compat, name)]
+    assert missing == []
+    for name in ("TensorFlowTrainer", "potentially_ragged_concat", "reduce_per_replica",
+                 "unscale_loss_for_distribution", "get_data_adapter", "can_convert_arrays", "pythonify_logs"):
+        assert getattr(_compat, name) is not None, name
+    assert callable(_compat.array_slicing.convert_to_sliceable)
+    assert callable(_compat.data_adapter_utils.pack_x_y_sample_weight)
+
+
+def test_private_attributes_of_a_compiled_model_are_where_safetrain_reads_them():
+    model = make_mlp()
+    assert _compat.compile_config(model)["loss"] == "mse"
+    assert _compat.compiled_loss(model) is not None
+    assert _compat.loss_tracker(model) is not None
+    assert _compat.call_has_training_arg(model) in (True, False)
+    assert _compat.model_strategy(model) is None
+    assert _compat.initial_epoch(model) is None
+    assert model in list(_compat.flatten_layers(model))
+    assert _compat.model_inputs(model) is not None
+    x = np.zeros((4, 8), "float32")
+    _compat.symbolic_build(model, (tf.TensorSpec([None, 8]), tf.TensorSpec([None, 1])))
+    assert model.built and len(model.metrics_variables) > 0  # the loss tracker's (and metrics') variables
+    loss = _compat.compute_loss(model, x, np.zeros((4, 1), "float32"), model(x), None, training=False)
+    assert float(loss) >= 0
+    callbacks = keras.callbacks.CallbackList([], add_history=True, model=model)
+    assert isinstance(_compat.history_of(callbacks), keras.callbacks.History)
+    assert _compat.flatten_metrics_in_order(model, {"loss": 1.0}) == 1.0
+
+
+def test_tensorflow_internals_safetrain_uses():
+    assert isinstance(_compat.gradient_registry(), dict)
+    _compat.clear_kernel_cache()
+    keras.random.normal((2,))  # draws from the global seed generator, creating it
+    assert _compat.global_seed_state() is not None and _compat.make_global_seed_state() is not None
+    function = tf.function(lambda t: t + 1)
+    _compat.omit_retracing_warning(function)
+    assert getattr(function, "_omit_frequent_tracing_warning", None) is True
+
+
+def test_importing_safetrain_changes_no_environment_variable():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = ("import os, safetrain; from safetrain import SafeTrainer, ProgressBar; "
+            "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None"
