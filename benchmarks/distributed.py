@@ -38,6 +38,7 @@ VARIANTS = ("fit", "safe")
 
 # -- inside a benchmark process -----------------------------------------------------------------------
 
+
 def patch_keras_fit(strategy):
     """Let Keras 3's model.fit run under MultiWorkerMirroredStrategy (keras-team/keras#20585)."""
     import tensorflow as tf
@@ -69,13 +70,19 @@ def measure(strategy, reps: int, epochs: int, batch: int, samples: int) -> dict:
     x = rng.standard_normal((samples, 32)).astype("float32")
     y = (x @ rng.standard_normal((32, 1)) + 0.1 * rng.standard_normal((samples, 1))).astype("float32")
     steps = samples // batch
-    x, y = x[:steps * batch], y[:steps * batch]
+    x, y = x[: steps * batch], y[: steps * batch]
 
     def build():
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            m = keras.Sequential([keras.Input((32,)), keras.layers.Dense(256, activation="relu"),
-                                  keras.layers.Dense(256, activation="relu"), keras.layers.Dense(1)])
+            m = keras.Sequential(
+                [
+                    keras.Input((32,)),
+                    keras.layers.Dense(256, activation="relu"),
+                    keras.layers.Dense(256, activation="relu"),
+                    keras.layers.Dense(1),
+                ]
+            )
             m.compile(optimizer="adam", loss="mse")
         return m
 
@@ -101,16 +108,18 @@ def measure(strategy, reps: int, epochs: int, batch: int, samples: int) -> dict:
 def role_mirrored(args) -> None:
     import tensorflow as tf
 
-    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
-                                               [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     print("RESULT " + json.dumps(measure(strategy, args.reps, args.epochs, args.batch, args.samples)), flush=True)
 
 
 def role_worker(args) -> None:
     ports = args.ports.split(",")
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                                          "task": {"type": "worker", "index": args.index}})
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": args.index}}
+    )
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -120,11 +129,22 @@ def role_worker(args) -> None:
 
 # -- the driver ---------------------------------------------------------------------------------------
 
+
 def _child(extra: list[str], args) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("TF_CONFIG", None)
-    cmd = [sys.executable, HERE, "--reps", str(args.reps), "--epochs", str(args.epochs), "--batch",
-           str(args.batch), "--samples", str(args.samples)] + extra
+    cmd = [
+        sys.executable,
+        HERE,
+        "--reps",
+        str(args.reps),
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(args.batch),
+        "--samples",
+        str(args.samples),
+    ] + extra
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -133,7 +153,7 @@ def _result(proc: subprocess.Popen) -> dict:
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"benchmark process failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _free_ports(n: int) -> list[int]:
@@ -148,24 +168,36 @@ def _free_ports(n: int) -> list[int]:
 
 def summarize(setup: str, result: dict) -> dict:
     med = {v: statistics.median(r) for v, r in result["runs"].items()}
-    return dict(setup=setup, runs=result["runs"], median=med, ratio=med["safe"] / med["fit"],
-                steps_per_epoch=result["steps_per_epoch"])
+    return dict(
+        setup=setup,
+        runs=result["runs"],
+        median=med,
+        ratio=med["safe"] / med["fit"],
+        steps_per_epoch=result["steps_per_epoch"],
+    )
 
 
 def table(rows: list[dict], args) -> str:
     import keras
     import tensorflow as tf
 
-    lines = ["| setup | model.fit steps/s | SafeTrainer steps/s | safe/fit | target | met |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| setup | model.fit steps/s | SafeTrainer steps/s | safe/fit | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         note = " (fit patched for keras#20585)" if r["setup"] == "multi_worker" else ""
-        lines.append(f"| {r['setup']}{note} | {r['median']['fit']:.1f} | {r['median']['safe']:.1f} | "
-                     f"{r['ratio']:.3f} | >= 1.0 | {'yes' if r['ratio'] >= 1.0 else 'NO'} |")
+        lines.append(
+            f"| {r['setup']}{note} | {r['median']['fit']:.1f} | {r['median']['safe']:.1f} | "
+            f"{r['ratio']:.3f} | >= 1.0 | {'yes' if r['ratio'] >= 1.0 else 'NO'} |"
+        )
     lines.append("")
-    lines.append(f"(MLP 32-256-256-1, global batch {args.batch}, {args.samples // args.batch} steps/epoch, "
-                 f"{args.epochs} epochs with the first dropped, medians of {args.reps} interleaved runs; "
-                 f"multi_worker: worker 0's numbers; TF {tf.__version__}, Keras {keras.__version__}, "
-                 f"{os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+    lines.append(
+        f"(MLP 32-256-256-1, global batch {args.batch}, {args.samples // args.batch} steps/epoch, "
+        f"{args.epochs} epochs with the first dropped, medians of {args.reps} interleaved runs; "
+        f"multi_worker: worker 0's numbers; TF {tf.__version__}, Keras {keras.__version__}, "
+        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    )
     return "\n".join(lines)
 
 

@@ -21,10 +21,15 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LEAKY = ROOT / "examples" / "leaky"
-EXPECTED = {"retracing.py": ["retracing"], "models_in_loop.py": ["models_in_loop"],
-            "predict_in_loop.py": ["predict_in_loop"], "stateful_not_reset.py": ["stateful_not_reset"],
-            "python_accumulation.py": ["python_accumulation"], "allocator_growth.py": ["allocator_growth"],
-            "clean.py": []}
+EXPECTED = {
+    "retracing.py": ["retracing"],
+    "models_in_loop.py": ["models_in_loop"],
+    "predict_in_loop.py": ["predict_in_loop"],
+    "stateful_not_reset.py": ["stateful_not_reset"],
+    "python_accumulation.py": ["python_accumulation"],
+    "allocator_growth.py": ["allocator_growth"],
+    "clean.py": [],
+}
 
 
 def timed(cmd: list[str]) -> float:
@@ -38,10 +43,12 @@ def overhead(command: str, reps: int) -> dict:
     script, *args = command.split()
     script = ROOT / script
     runs: dict[str, list[float]] = {"plain": [], "doctor": []}
-    commands = {"plain": [sys.executable, str(script), *args],
-                "doctor": [sys.executable, "-m", "safetrain", "doctor", str(script), *args]}
+    commands = {
+        "plain": [sys.executable, str(script), *args],
+        "doctor": [sys.executable, "-m", "safetrain", "doctor", str(script), *args],
+    }
     for rep in range(reps):
-        for name in (("plain", "doctor") if rep % 2 == 0 else ("doctor", "plain")):
+        for name in ("plain", "doctor") if rep % 2 == 0 else ("doctor", "plain"):
             runs[name].append(timed(commands[name]))
             print(f"  rep {rep + 1}/{reps} {name:6s} {runs[name][-1]:6.2f} s", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -55,8 +62,15 @@ def verdicts() -> list[dict]:
     for name, expected in EXPECTED.items():
         report = doctor.run(str(LEAKY / name), echo=False)
         found = [c["cause"] for c in report["diagnosis"]["causes"]]
-        rows.append(dict(script=name, expected=expected, found=found, correct=found == expected,
-                         evidence=[c["evidence"] for c in report["diagnosis"]["causes"]]))
+        rows.append(
+            dict(
+                script=name,
+                expected=expected,
+                found=found,
+                correct=found == expected,
+                evidence=[c["evidence"] for c in report["diagnosis"]["causes"]],
+            )
+        )
         print(f"  {name:24s} {found}", file=sys.stderr, flush=True)
     return rows
 
@@ -64,8 +78,11 @@ def verdicts() -> list[dict]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--scripts", default="examples/quickstart.py,examples/leaky/clean.py,examples/leaky/clean.py 60",
-                   help="clean scripts to time (with their arguments), comma-separated, relative to the repository")
+    p.add_argument(
+        "--scripts",
+        default="examples/quickstart.py,examples/leaky/clean.py,examples/leaky/clean.py 60",
+        help="clean scripts to time (with their arguments), comma-separated, relative to the repository",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     timing = [overhead(s, a.reps) for s in a.scripts.split(",")]
@@ -73,14 +90,18 @@ def main(argv=None) -> None:
     print("| clean script | plain s | under the doctor s | overhead | target |")
     print("|---|---|---|---|---|")
     for t in timing:
-        print(f"| {t['script']} | {t['median']['plain']:.2f} | {t['median']['doctor']:.2f} | "
-              f"{100 * t['overhead']:+.1f}% | < 10% |")
+        print(
+            f"| {t['script']} | {t['median']['plain']:.2f} | {t['median']['doctor']:.2f} | "
+            f"{100 * t['overhead']:+.1f}% | < 10% |"
+        )
     print(f"\n(medians of {a.reps} alternated runs, each a fresh process; TensorFlow's import is in both)\n")
     print("| examples/leaky/ | expected | doctor's verdict | correct |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['script']} | {', '.join(r['expected']) or 'no leak'} | {', '.join(r['found']) or 'no leak'} | "
-              f"{'yes' if r['correct'] else 'NO'} |")
+        print(
+            f"| {r['script']} | {', '.join(r['expected']) or 'no leak'} | {', '.join(r['found']) or 'no leak'} | "
+            f"{'yes' if r['correct'] else 'NO'} |"
+        )
     print(f"\n{sum(r['correct'] for r in rows)} of {len(rows)} correct")
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

@@ -37,8 +37,15 @@ def child(mode: str) -> None:
     y = x[:, :4].sum(axis=1, keepdims=True)
 
     def build():
-        m = keras.Sequential([keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dropout(0.1),
-                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [
+                keras.Input((32,)),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dropout(0.1),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
         m.compile(optimizer="adam", loss="mse", metrics=["mae"])
         return m
 
@@ -52,8 +59,11 @@ def child(mode: str) -> None:
         gc.collect()
         values.append(memory.rss_mb())
     counts = collections.Counter(type(o).__name__ for o in gc.get_objects())
-    print(f"| {mode} | {memory.slope(values[3:]):+.3f} | {values[-1] - values[0]:+.1f} | {counts['FuncGraph']} | "
-          f"{counts['AtomicFunction']} |", flush=True)
+    print(
+        f"| {mode} | {memory.slope(values[3:]):+.3f} | {values[-1] - values[0]:+.1f} | {counts['FuncGraph']} | "
+        f"{counts['AtomicFunction']} |",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -62,8 +72,12 @@ def main() -> None:
         return
     print("| variant | slope MiB/model | total MiB | FuncGraph left | AtomicFunction left |\n|---|---|---|---|---|")
     for mode in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True, text=True,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", mode],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
         rows = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
         print(rows[-1] if rows else f"| {mode} | failed: {out.stderr[-500:]} |", flush=True)
 

@@ -32,12 +32,18 @@ SCENARIOS = {
     "d": ("predict called 300 times", "call"),
     "e": ("stateful LSTM, 40 epochs", "epoch"),
 }
-RUNNERS = {"a": ["fit", "safe"], "b": ["tf_function", "fit", "safe", "safe_second_pass"], "c": ["fit", "safe"], "d": ["fit", "safe"],
-           "e": ["fit", "safe"]}
+RUNNERS = {
+    "a": ["fit", "safe"],
+    "b": ["tf_function", "fit", "safe", "safe_second_pass"],
+    "c": ["fit", "safe"],
+    "d": ["fit", "safe"],
+    "e": ["fit", "safe"],
+}
 WARMUP = 3
 
 
 # -- inside the subprocess ---------------------------------------------------------------------------------
+
 
 def _child(scenario: str, runner: str) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -60,9 +66,15 @@ def _child(scenario: str, runner: str) -> dict:
 
     def mlp():
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((32,)), keras.layers.Dense(256, activation="relu"),
-                              keras.layers.Dropout(0.1), keras.layers.Dense(256, activation="relu"),
-                              keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [
+                keras.Input((32,)),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dropout(0.1),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
         m.compile(optimizer="adam", loss="mse", metrics=["mae"])
         return m
 
@@ -73,19 +85,28 @@ def _child(scenario: str, runner: str) -> dict:
         if runner == "fit":
             mlp().fit(x, y, batch_size=64, epochs=40, validation_split=0.1, verbose=0, callbacks=[Record()])
         else:
-            SafeTrainer(mlp()).fit(x, y, batch_size=64, epochs=40, validation_split=0.1, verbose=0,
-                                   callbacks=[Record()])
+            SafeTrainer(mlp()).fit(
+                x, y, batch_size=64, epochs=40, validation_split=0.1, verbose=0, callbacks=[Record()]
+            )
     elif scenario == "b":
         # 200 different lengths in random order: the largest working set shows up early, so what still
         # grows later is kept memory, not a bigger batch.
         lengths = [int(n) for n in rng.permutation(np.arange(10, 210))]
-        batches = [(rng.standard_normal((16, n, 8)).astype("float32"), rng.standard_normal((16, 1)).astype("float32"))
-                   for n in lengths]
+        batches = [
+            (rng.standard_normal((16, n, 8)).astype("float32"), rng.standard_normal((16, 1)).astype("float32"))
+            for n in lengths
+        ]
 
         def seq_model():
             keras.utils.set_random_seed(0)
-            m = keras.Sequential([keras.Input((None, 8)), keras.layers.Conv1D(16, 3, padding="same", activation="relu"),
-                                  keras.layers.LSTM(16), keras.layers.Dense(1)])
+            m = keras.Sequential(
+                [
+                    keras.Input((None, 8)),
+                    keras.layers.Conv1D(16, 3, padding="same", activation="relu"),
+                    keras.layers.LSTM(16),
+                    keras.layers.Dense(1),
+                ]
+            )
             m.compile(optimizer="adam", loss="mse")
             return m
 
@@ -118,7 +139,7 @@ def _child(scenario: str, runner: str) -> dict:
             passes = 2 if runner == "safe_second_pass" else 1
             trainer = SafeTrainer(seq_model())
             trainer.fit((b for b in batches * passes), epochs=1, verbose=0, callbacks=[PerStep()])
-            del series[:len(batches) * (passes - 1)]
+            del series[: len(batches) * (passes - 1)]
             extra["traces"] = trainer.trace_counts["train"]
     elif scenario == "c":
         xs, ys = x[:2000], y[:2000]
@@ -149,8 +170,9 @@ def _child(scenario: str, runner: str) -> dict:
             series.append(rss_mb())
     elif scenario == "e":
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((20, 4), batch_size=16), keras.layers.LSTM(32, stateful=True),
-                              keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [keras.Input((20, 4), batch_size=16), keras.layers.LSTM(32, stateful=True), keras.layers.Dense(1)]
+        )
         m.compile(optimizer="adam", loss="mse")
         xs = rng.standard_normal((320, 20, 4)).astype("float32")
         ys = rng.standard_normal((320, 1)).astype("float32")
@@ -158,13 +180,20 @@ def _child(scenario: str, runner: str) -> dict:
             reset = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: m.layers[0].reset_state())
             m.fit(xs, ys, batch_size=16, epochs=40, shuffle=False, verbose=0, callbacks=[reset, Record()])
         else:
-            SafeTrainer(m, policies=[ResetStates("epoch")]).fit(xs, ys, batch_size=16, epochs=40, shuffle=False,
-                                                                verbose=0, callbacks=[Record()])
+            SafeTrainer(m, policies=[ResetStates("epoch")]).fit(
+                xs, ys, batch_size=16, epochs=40, shuffle=False, verbose=0, callbacks=[Record()]
+            )
     elif scenario == "r":
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((512,)), keras.layers.Dense(1024, activation="relu"),
-                              keras.layers.Dropout(0.1), keras.layers.Dense(512, activation="relu"),
-                              keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [
+                keras.Input((512,)),
+                keras.layers.Dense(1024, activation="relu"),
+                keras.layers.Dropout(0.1),
+                keras.layers.Dense(512, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
         m.compile(optimizer="adam", loss="mse")
         trainer = SafeTrainer(m)
         xs = rng.standard_normal((256, 512)).astype("float32")
@@ -176,12 +205,17 @@ def _child(scenario: str, runner: str) -> dict:
             t0 = time.perf_counter()
             trainer.fit(xs, xs[:, :1], epochs=trainer.epoch + 1, initial_epoch=trainer.epoch, verbose=0)
             retrace.append(time.perf_counter() - t0)
-        extra = dict(params=trainer.model.count_params(), rehydrate_s=times, median_s=statistics.median(times),
-                     first_epoch_after_s=statistics.median(retrace))
+        extra = dict(
+            params=trainer.model.count_params(),
+            rehydrate_s=times,
+            median_s=statistics.median(times),
+            first_epoch_after_s=statistics.median(retrace),
+        )
     return dict(scenario=scenario, runner=runner, series=series, **extra)
 
 
 # -- the parent ----------------------------------------------------------------------------------------
+
 
 def _slope(values):
     import numpy as np
@@ -192,12 +226,17 @@ def _slope(values):
 
 def run_child(scenario: str, runner: str) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", scenario, runner],
-                         capture_output=True, text=True, env=env, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", scenario, runner],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"scenario {scenario}/{runner} failed:\n{out.stderr[-3000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -210,11 +249,14 @@ def plot(results: list[dict], path: str) -> None:
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
+    for ax in axes.flat[len(keys) :]:
         ax.axis("off")
-    style = {"fit": ("model.fit", "tab:red"), "safe": ("SafeTrainer", "tab:blue"),
-             "tf_function": ("plain @tf.function", "tab:gray"),
-             "safe_second_pass": ("SafeTrainer, 2nd pass", "tab:cyan")}
+    style = {
+        "fit": ("model.fit", "tab:red"),
+        "safe": ("SafeTrainer", "tab:blue"),
+        "tf_function": ("plain @tf.function", "tab:gray"),
+        "safe_second_pass": ("SafeTrainer, 2nd pass", "tab:cyan"),
+    }
     for ax, key in zip(axes.flat, keys):
         title, unit = SCENARIOS[key]
         for r in (r for r in results if r["scenario"] == key):
@@ -243,15 +285,19 @@ def main(argv=None):
         return None
     results = []
     for key in a.only.split(","):
-        for runner in (RUNNERS.get(key) or ["safe"]):
+        for runner in RUNNERS.get(key) or ["safe"]:
             t0 = time.perf_counter()
             r = run_child(key, runner)
             r["seconds"] = time.perf_counter() - t0
             results.append(r)
             print(f"  {key}/{runner}: {r['seconds']:.0f}s", file=sys.stderr, flush=True)
     lines = ["| scenario | unit | runner | slope MiB/unit | total MiB | target < 0.5 |", "|---|---|---|---|---|---|"]
-    names = {"fit": "model.fit", "safe": "SafeTrainer", "tf_function": "plain @tf.function",
-             "safe_second_pass": "SafeTrainer, same lengths again"}
+    names = {
+        "fit": "model.fit",
+        "safe": "SafeTrainer",
+        "tf_function": "plain @tf.function",
+        "safe_second_pass": "SafeTrainer, same lengths again",
+    }
     for r in results:
         if r["scenario"] == "r":
             continue
@@ -260,13 +306,17 @@ def main(argv=None):
         total = r["series"][-1] - r["series"][0]
         met = ("yes" if s < 0.5 else "NO") if r["runner"].startswith("safe") else ""
         traces = f" ({r['traces']} trace{'s' if r['traces'] != 1 else ''})" if "traces" in r else ""
-        lines.append(f"| ({r['scenario']}) {title} | {unit} | {names[r['runner']]}{traces} | {s:+.3f} | {total:+.1f} | {met} |")
+        lines.append(
+            f"| ({r['scenario']}) {title} | {unit} | {names[r['runner']]}{traces} | {s:+.3f} | {total:+.1f} | {met} |"
+        )
     for r in results:
         if r["scenario"] == "r":
             lines.append("")
-            lines.append(f"Re-hydration of a {r['params']:,}-parameter model: median {r['median_s']:.3f} s "
-                         f"(runs: {', '.join(f'{t:.3f}' for t in r['rehydrate_s'])}); the first epoch after it, "
-                         f"which traces the new steps: {r['first_epoch_after_s']:.3f} s. Target: under 1 s.")
+            lines.append(
+                f"Re-hydration of a {r['params']:,}-parameter model: median {r['median_s']:.3f} s "
+                f"(runs: {', '.join(f'{t:.3f}' for t in r['rehydrate_s'])}); the first epoch after it, "
+                f"which traces the new steps: {r['first_epoch_after_s']:.3f} s. Target: under 1 s."
+            )
     print("\n".join(lines))
     if a.png and any(r["scenario"] != "r" for r in results):
         plot([r for r in results if r["scenario"] != "r"], a.png)

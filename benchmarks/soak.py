@@ -51,8 +51,15 @@ def soak(epochs: int, workdir: str) -> dict:
 
     def build():
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dropout(0.1),
-                              keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [
+                keras.Input((16,)),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dropout(0.1),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
         m.compile(optimizer="adam", loss="mse", metrics=["mae"])
         return m
 
@@ -63,10 +70,18 @@ def soak(epochs: int, workdir: str) -> dict:
     t0 = time.perf_counter()
     trainer.fit(x, y, batch_size=32, epochs=epochs, verbose=0)
     rss = trainer.memory.series("rss_mb")
-    return dict(epochs=epochs, seconds=time.perf_counter() - t0, rehydrations=trainer.rehydrations,
-                slope_mb_per_epoch=trainer.memory.slope(skip=10), rss_first=rss[0], rss_last=rss[-1],
-                most_folders=folders.most, checkpoints_written=len(ckpt.written),
-                checkpoint_seconds_per_epoch=ckpt.seconds / epochs, rss=rss)
+    return dict(
+        epochs=epochs,
+        seconds=time.perf_counter() - t0,
+        rehydrations=trainer.rehydrations,
+        slope_mb_per_epoch=trainer.memory.slope(skip=10),
+        rss_first=rss[0],
+        rss_last=rss[-1],
+        most_folders=folders.most,
+        checkpoints_written=len(ckpt.written),
+        checkpoint_seconds_per_epoch=ckpt.seconds / epochs,
+        rss=rss,
+    )
 
 
 def overhead(runs: int, epochs: int, workdir: str) -> dict:
@@ -82,15 +97,21 @@ def overhead(runs: int, epochs: int, workdir: str) -> dict:
 
     def build():
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((512,)), keras.layers.Dense(1024, activation="relu"),
-                              keras.layers.Dense(512, activation="relu"), keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [
+                keras.Input((512,)),
+                keras.layers.Dense(1024, activation="relu"),
+                keras.layers.Dense(512, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
         m.compile(optimizer="adam", loss="mse")
         return m
 
     plain, with_ckpt, save_times = [], [], []
     params = None
     for run in range(runs):
-        for variant in (("plain", "ckpt") if run % 2 == 0 else ("ckpt", "plain")):
+        for variant in ("plain", "ckpt") if run % 2 == 0 else ("ckpt", "plain"):
             policies = []
             if variant == "ckpt":
                 directory = os.path.join(workdir, f"overhead-{run}")
@@ -100,27 +121,33 @@ def overhead(runs: int, epochs: int, workdir: str) -> dict:
             # The checkpoint is written after on_epoch_end, so time whole epochs: end of one to end of next.
             ends = []
 
-            class Ends(keras.callbacks.Callback):
-                def on_epoch_end(self, epoch, logs=None):
-                    ends.append(time.perf_counter())
-
-            trainer.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=[Ends()])
+            timer = keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs, ends=ends: ends.append(time.perf_counter())
+            )
+            trainer.fit(x, y, batch_size=32, epochs=epochs, verbose=0, callbacks=[timer])
             t_epochs = [b - a for a, b in zip(ends[1:-1], ends[2:])]  # drop the tracing epoch
             (with_ckpt if variant == "ckpt" else plain).append(statistics.median(t_epochs))
             if variant == "ckpt":
                 save_times.append(policies[0].seconds / epochs)
     epoch_plain, epoch_ckpt = statistics.median(plain), statistics.median(with_ckpt)
     save = statistics.median(save_times)
-    return dict(params=params, epoch_seconds=epoch_plain, epoch_seconds_with_checkpoint=epoch_ckpt,
-                save_seconds=save, save_share=save / epoch_plain, epoch_share=(epoch_ckpt - epoch_plain) / epoch_plain,
-                runs=runs)
+    return dict(
+        params=params,
+        epoch_seconds=epoch_plain,
+        epoch_seconds_with_checkpoint=epoch_ckpt,
+        save_seconds=save,
+        save_share=save / epoch_plain,
+        epoch_share=(epoch_ckpt - epoch_plain) / epoch_plain,
+        runs=runs,
+    )
 
 
 def trials(count: int, workdir: str, seed: int = 0) -> dict:
     ref_dir = os.path.join(workdir, "reference")
     os.makedirs(ref_dir)
     assert run_script(os.path.join(ref_dir, "out.json"), os.path.join(ref_dir, "ckpt"), {"NO_CHECKPOINT": "1"}) == 0
-    reference = json.load(open(os.path.join(ref_dir, "out.json")))
+    with open(os.path.join(ref_dir, "out.json")) as f:
+        reference = json.load(f)
     rng = random.Random(seed)
     outcomes = []
     for i in range(count):
@@ -133,15 +160,33 @@ def trials(count: int, workdir: str, seed: int = 0) -> dict:
         codes = [run_script(out, ckpt_dir, env, **kill)]
         while codes[-1] != 0 and len(codes) < 10:
             codes.append(run_script(out, ckpt_dir, env))
-        result = json.load(open(out)) if codes[-1] == 0 else None
-        identical = result is not None and all(result[k] == reference[k]
-                                               for k in ("history", "epochs", "weights", "iterations"))
-        outcomes.append(dict(trial=i, kind="mid-write" if mid_write else "random", exit_codes=codes,
-                             killed=codes[0] == -signal.SIGKILL, identical=identical))
-        print(f"  trial {i}: {outcomes[-1]['kind']}, exit codes {codes}, bit-identical: {identical}",
-              file=sys.stderr, flush=True)
-    return dict(trials=len(outcomes), killed=sum(o["killed"] for o in outcomes),
-                identical=sum(o["identical"] for o in outcomes), outcomes=outcomes)
+        result = None
+        if codes[-1] == 0:
+            with open(out) as f:
+                result = json.load(f)
+        identical = result is not None and all(
+            result[k] == reference[k] for k in ("history", "epochs", "weights", "iterations")
+        )
+        outcomes.append(
+            dict(
+                trial=i,
+                kind="mid-write" if mid_write else "random",
+                exit_codes=codes,
+                killed=codes[0] == -signal.SIGKILL,
+                identical=identical,
+            )
+        )
+        print(
+            f"  trial {i}: {outcomes[-1]['kind']}, exit codes {codes}, bit-identical: {identical}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dict(
+        trials=len(outcomes),
+        killed=sum(o["killed"] for o in outcomes),
+        identical=sum(o["identical"] for o in outcomes),
+        outcomes=outcomes,
+    )
 
 
 def main(argv=None):
@@ -160,23 +205,30 @@ def main(argv=None):
         t = trials(a.trials, workdir) if a.trials else None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    lines = ["| measure | value | target |", "|---|---|---|",
-             f"| soak: {s['epochs']} epochs, ClearSession(10) + Checkpoint every epoch | {s['seconds']:.0f} s, "
-             f"{s['rehydrations']} re-hydrations, {s['checkpoints_written']} checkpoints | |",
-             f"| soak: RSS slope (after 10 epochs) | {s['slope_mb_per_epoch']:+.4f} MiB/epoch "
-             f"({s['rss_first']:.0f} -> {s['rss_last']:.0f} MiB) | < 0.1 |",
-             f"| soak: most checkpoint folders on disk | {s['most_folders']} | <= keep = 2 |"]
+    lines = [
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| soak: {s['epochs']} epochs, ClearSession(10) + Checkpoint every epoch | {s['seconds']:.0f} s, "
+        f"{s['rehydrations']} re-hydrations, {s['checkpoints_written']} checkpoints | |",
+        f"| soak: RSS slope (after 10 epochs) | {s['slope_mb_per_epoch']:+.4f} MiB/epoch "
+        f"({s['rss_first']:.0f} -> {s['rss_last']:.0f} MiB) | < 0.1 |",
+        f"| soak: most checkpoint folders on disk | {s['most_folders']} | <= keep = 2 |",
+    ]
     if o:
-        lines += [f"| checkpoint of the {o['params']:,}-parameter MLP: time in Checkpoint.save | "
-                  f"{1000 * o['save_seconds']:.0f} ms = {100 * o['save_share']:.1f}% of a {o['epoch_seconds']:.2f} s "
-                  f"epoch | < 5% |",
-                  f"| same, epoch time with vs without checkpoints (medians of {o['runs']} runs each) | "
-                  f"{o['epoch_seconds_with_checkpoint']:.3f} s vs {o['epoch_seconds']:.3f} s "
-                  f"({100 * o['epoch_share']:+.1f}%, noise included) | |"]
+        lines += [
+            f"| checkpoint of the {o['params']:,}-parameter MLP: time in Checkpoint.save | "
+            f"{1000 * o['save_seconds']:.0f} ms = {100 * o['save_share']:.1f}% of a {o['epoch_seconds']:.2f} s "
+            f"epoch | < 5% |",
+            f"| same, epoch time with vs without checkpoints (medians of {o['runs']} runs each) | "
+            f"{o['epoch_seconds_with_checkpoint']:.3f} s vs {o['epoch_seconds']:.3f} s "
+            f"({100 * o['epoch_share']:+.1f}%, noise included) | |",
+        ]
     if t:
-        lines.append(f"| kill/resume trials (SIGKILL; {sum(o_['kind'] == 'mid-write' for o_ in t['outcomes'])} "
-                     f"of them mid-checkpoint-write) | {t['identical']} of {t['trials']} bit-identical "
-                     f"({t['killed']} actually killed before finishing) | all |")
+        lines.append(
+            f"| kill/resume trials (SIGKILL; {sum(o_['kind'] == 'mid-write' for o_ in t['outcomes'])} "
+            f"of them mid-checkpoint-write) | {t['identical']} of {t['trials']} bit-identical "
+            f"({t['killed']} actually killed before finishing) | all |"
+        )
     print("\n".join(lines))
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)

@@ -48,10 +48,17 @@ def mlp_problem(n):
 
     def build(spe=1):
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((32,)), keras.layers.Dense(256, activation="relu"),
-                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(1)])
+        m = keras.Sequential(
+            [
+                keras.Input((32,)),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(1),
+            ]
+        )
         m.compile(optimizer="adam", loss="mse", steps_per_execution=spe)
         return m
+
     return x, y, build
 
 
@@ -62,13 +69,23 @@ def cnn_problem(n):
 
     def build(spe=1):
         keras.utils.set_random_seed(0)
-        m = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(16, 3, activation="relu"),
-                              keras.layers.MaxPooling2D(), keras.layers.Conv2D(32, 3, activation="relu"),
-                              keras.layers.MaxPooling2D(), keras.layers.Flatten(),
-                              keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
-        m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=spe)
+        m = keras.Sequential(
+            [
+                keras.Input((28, 28, 1)),
+                keras.layers.Conv2D(16, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(32, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+        m.compile(
+            optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), steps_per_execution=spe
+        )
         return m
+
     return x, y, build
 
 
@@ -98,6 +115,7 @@ def floor_run(x, y, build, epochs):
         def body(i):
             model.train_step(iterator.get_next())
             return i + 1
+
         return tf.while_loop(lambda i: i < n, body, [tf.constant(0)])
 
     n = tf.constant(batches.num_batches)
@@ -144,7 +162,7 @@ def measure(problem, reps, epochs, spe, samples=None, variants=None):
     for rep in range(reps):
         # Interleaved, and rotated each rep: drift on the machine, and whatever the previous run leaves
         # behind (a run right after model.fit measured slower), hit every variant alike.
-        order = chosen[rep % len(chosen):] + chosen[:rep % len(chosen)]
+        order = chosen[rep % len(chosen) :] + chosen[: rep % len(chosen)]
         for v in order:
             times = run_variant(v, x, y, build, epochs, spe)
             runs[v].append(steps / statistics.median(times[1:]))
@@ -175,9 +193,11 @@ def table(results, spe):
             t = targets.get(k)
             lines.append(f"| {r['problem']} | {k} | {v:.3f} | >= {t} | {'yes' if v >= t else 'NO'} |")
     lines.append("")
-    lines.append(f"(batch {BATCH}, steps_per_execution N={spe} for *_spe, medians of {len(results[0]['runs'][shown[0]])} "
-                 f"runs; TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores, "
-                 f"{platform.processor() or platform.machine()})")
+    lines.append(
+        f"(batch {BATCH}, steps_per_execution N={spe} for *_spe, medians of {len(results[0]['runs'][shown[0]])} "
+        f"runs; TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()})"
+    )
     return "\n".join(lines)
 
 
@@ -188,8 +208,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--spe", type=int, default=10, help="steps_per_execution for the *_spe variants")
     p.add_argument("--samples", type=int, default=None, help="override the data size (smoke tests)")
-    p.add_argument("--variants", default=None,
-                   help=f"comma list, for a focused A/B run (default: all of {','.join(VARIANTS)})")
+    p.add_argument(
+        "--variants", default=None, help=f"comma list, for a focused A/B run (default: all of {','.join(VARIANTS)})"
+    )
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     variants = a.variants.split(",") if a.variants else None
@@ -198,8 +219,9 @@ def main(argv=None):
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:
-            json.dump(dict(results=results, tf=tf.__version__, keras=keras.__version__, cores=os.cpu_count()), f,
-                      indent=1)
+            json.dump(
+                dict(results=results, tf=tf.__version__, keras=keras.__version__, cores=os.cpu_count()), f, indent=1
+            )
     return results
 
 

@@ -34,12 +34,15 @@ class StopAfter(keras.callbacks.Callback):  # stands in for a kill
 def run(callbacks=()):
     keras.utils.set_random_seed(0)
     policy = Checkpoint(directory, every_n_batches=20)
-    history = SafeTrainer(build(), policies=[policy]).fit(x, y, batch_size=32, epochs=6, verbose=0,
-                                                          callbacks=list(callbacks))
+    history = SafeTrainer(build(), policies=[policy]).fit(
+        x, y, batch_size=32, epochs=6, verbose=0, callbacks=list(callbacks)
+    )
     return history, policy
 
 
 first, _ = run([StopAfter()])
 second, policy = run()
-print(f"first run: {len(first.epoch)} epochs; second run resumed from {policy.resumed_from.split('/')[-1]} "
-      f"and ended at epoch {second.epoch[-1] + 1} with loss {second.history['loss'][-1]:.4f}")
+print(
+    f"first run: {len(first.epoch)} epochs; second run resumed from {policy.resumed_from.split('/')[-1]} "
+    f"and ended at epoch {second.epoch[-1] + 1} with loss {second.history['loss'][-1]:.4f}"
+)

@@ -35,8 +35,15 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((512, 16, 8)).astype("float32")
 y = x.mean(axis=(1, 2))[:, None]
 
-model = keras.Sequential([keras.Input((16, 8)), PositionalEncoding(), keras.layers.GlobalAveragePooling1D(),
-                          keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+model = keras.Sequential(
+    [
+        keras.Input((16, 8)),
+        PositionalEncoding(),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(1),
+    ]
+)
 model.compile(optimizer="adam", loss="mse")
 
 trainer = SafeTrainer(model, policies=[ClearSession(every_n_epochs=2)])

@@ -43,8 +43,11 @@ x = rng.standard_normal((2000, 10)).astype("float32")
 y = (x.sum(axis=1, keepdims=True) > 0).astype("float32")
 
 model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
-model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.BinaryCrossentropy(from_logits=True),
-              metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)])
+model.compile(
+    optimizer=keras.optimizers.SGD(0.5),
+    loss=keras.losses.BinaryCrossentropy(from_logits=True),
+    metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
+)
 
 trainer = ClippedTrainer(model, clip_norm=0.5)
 history = trainer.fit(x, y, batch_size=32, epochs=4, validation_split=0.2, verbose=2)

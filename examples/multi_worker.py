@@ -22,9 +22,18 @@ if "TF_CONFIG" not in os.environ:  # the local demo: be the launcher
             s.bind(("localhost", 0))
             ports.append(s.getsockname()[1])
     directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="safetrain_multi_worker_")
-    procs = [subprocess.Popen([sys.executable, __file__, directory], env=dict(os.environ, TF_CONFIG=json.dumps(
-        {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": i}})))
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, directory],
+            env=dict(
+                os.environ,
+                TF_CONFIG=json.dumps(
+                    {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}
+                ),
+            ),
+        )
+        for i in range(2)
+    ]
     sys.exit(max(p.wait() for p in procs))
 
 import tensorflow as tf  # noqa: E402
@@ -43,18 +52,27 @@ y = (x[:, :2].sum(axis=1, keepdims=True) > 0).astype("float32")
 
 def build_model():
     model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)])
-    model.compile(optimizer="adam", loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)])
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
+    )
     return model
 
 
-trainer = SafeTrainer(build_model, strategy=strategy, policies=[
-    Checkpoint(sys.argv[1]),                           # the chief writes, every worker resumes
-    MemoryBudget(8000, action="rehydrate"),            # the largest RSS of all workers decides
-    LeakDetector(window=5, threshold_mb_per_epoch=5),  # ... here too
-])
+trainer = SafeTrainer(
+    build_model,
+    strategy=strategy,
+    policies=[
+        Checkpoint(sys.argv[1]),  # the chief writes, every worker resumes
+        MemoryBudget(8000, action="rehydrate"),  # the largest RSS of all workers decides
+        LeakDetector(window=5, threshold_mb_per_epoch=5),  # ... here too
+    ],
+)
 history = trainer.fit(x, y, batch_size=128, epochs=4, validation_split=0.2)  # 128 = the global batch
 if trainer.is_chief:
-    print(f"{strategy.num_replicas_in_sync} replicas; final val_binary_accuracy "
-          f"{history.history['val_binary_accuracy'][-1]:.3f}; largest worker RSS {trainer.memory[-1].rss_mb:.0f} MiB; "
-          f"trace counts {trainer.trace_counts}")
+    print(
+        f"{strategy.num_replicas_in_sync} replicas; final val_binary_accuracy "
+        f"{history.history['val_binary_accuracy'][-1]:.3f}; largest worker RSS {trainer.memory[-1].rss_mb:.0f} MiB; "
+        f"trace counts {trainer.trace_counts}"
+    )

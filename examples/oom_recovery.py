@@ -22,5 +22,7 @@ faults.simulate_oom_above(trainer, 64)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     history = trainer.fit(x, y, batch_size=256, epochs=3, verbose=0)
-print(f"loss {history.history['loss'][-1]:.4f}; microbatch size {trainer.microbatch_size}; "
-      f"OOM events {len(trainer.oom_events)}; warnings: {[type(w.message).__name__ for w in caught][:1]}")
+print(
+    f"loss {history.history['loss'][-1]:.4f}; microbatch size {trainer.microbatch_size}; "
+    f"OOM events {len(trainer.oom_events)}; warnings: {[type(w.message).__name__ for w in caught][:1]}"
+)

@@ -9,17 +9,19 @@ rng = np.random.default_rng(0)
 x = rng.standard_normal((4000, 20)).astype("float32")
 y = (x[:, :1] * 2.0 - x[:, 1:2] + 0.1 * rng.standard_normal((4000, 1))).astype("float32")
 
-model = keras.Sequential([
-    keras.Input((20,)),
-    keras.layers.Dense(64, activation="relu"),
-    keras.layers.Dropout(0.1),
-    keras.layers.Dense(1),
-])
+model = keras.Sequential(
+    [keras.Input((20,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dropout(0.1), keras.layers.Dense(1)]
+)
 model.compile(optimizer="adam", loss="mse", metrics=["mae"])
 
 trainer = SafeTrainer(model)  # was: history = model.fit(...)
 history = trainer.fit(
-    x, y, batch_size=64, epochs=5, validation_split=0.2, verbose=2,
+    x,
+    y,
+    batch_size=64,
+    epochs=5,
+    validation_split=0.2,
+    verbose=2,
     callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
 )
 

@@ -13,10 +13,13 @@ waves = np.sin(t).astype("float32")
 windows = waves[:, :-1].reshape(BATCH, -1, WINDOW).transpose(1, 0, 2).reshape(-1, WINDOW, 1)
 targets = waves[:, WINDOW::WINDOW].T.reshape(-1, 1)  # the value right after each window
 
-model = keras.Sequential([keras.Input((WINDOW, 1), batch_size=BATCH), keras.layers.LSTM(16, stateful=True),
-                          keras.layers.Dense(1)])
+model = keras.Sequential(
+    [keras.Input((WINDOW, 1), batch_size=BATCH), keras.layers.LSTM(16, stateful=True), keras.layers.Dense(1)]
+)
 model.compile(optimizer="adam", loss="mse")
 
 trainer = SafeTrainer(model, policies=[ResetStates("epoch")])  # state carries across batches, not epochs
 history = trainer.fit(windows, targets, batch_size=BATCH, epochs=3, shuffle=False, verbose=2)
-print("final loss:", round(history.history["loss"][-1], 5), "| train step traced", trainer.trace_counts["train"], "time")
+print(
+    "final loss:", round(history.history["loss"][-1], 5), "| train step traced", trainer.trace_counts["train"], "time"
+)

@@ -1,7 +1,7 @@
 """safetrain: a drop-in, memory-safe training loop for Keras 3 on TensorFlow.
 
-    from safetrain import SafeTrainer, ClearSession
-    history = SafeTrainer(model, policies=[ClearSession(every_n_epochs=5)]).fit(x, y, epochs=50)
+from safetrain import SafeTrainer, ClearSession
+history = SafeTrainer(model, policies=[ClearSession(every_n_epochs=5)]).fit(x, y, epochs=50)
 """
 
 from __future__ import annotations
@@ -9,17 +9,52 @@ from __future__ import annotations
 # Names are imported on first use (PEP 562), so that `python -m safetrain doctor` and other light entry
 # points start without importing TensorFlow; `from safetrain import SafeTrainer` works as always.
 _EXPORTS = {
-    "hooks": None, "faults": None, "distributed": None, "doctor": None, "plots": None,
-    **{name: "errors" for name in (
-        "SafetrainError", "ConfigurationError", "OutOfMemory", "OutOfMemoryWarning", "StepError", "DataError",
-        "CheckpointCorrupt", "CheckpointMismatch", "CheckpointWarning", "SnapshotMismatch",
-        "MemoryBudgetExceeded", "RetraceError", "LeakWarning", "NonFiniteLoss", "WorkerFailure",
-        "IsolatedProcessError", "RemoteTraceback")},
+    "hooks": None,
+    "faults": None,
+    "distributed": None,
+    "doctor": None,
+    "plots": None,
+    **{
+        name: "errors"
+        for name in (
+            "SafetrainError",
+            "ConfigurationError",
+            "OutOfMemory",
+            "OutOfMemoryWarning",
+            "StepError",
+            "DataError",
+            "CheckpointCorrupt",
+            "CheckpointMismatch",
+            "CheckpointWarning",
+            "SnapshotMismatch",
+            "MemoryBudgetExceeded",
+            "RetraceError",
+            "LeakWarning",
+            "NonFiniteLoss",
+            "WorkerFailure",
+            "IsolatedProcessError",
+            "RemoteTraceback",
+        )
+    },
     "run_isolated": "isolation",
-    "MemoryLog": "memory", "MemoryMonitor": "memory", "MemorySample": "memory",
-    **{name: "policies" for name in (
-        "Checkpoint", "ClearSession", "GarbageCollect", "LeakDetector", "MemoryBudget", "Policy", "ResetStates",
-        "RetraceGuard", "StopOnNaN", "TrimMalloc")},
+    "MemoryLog": "memory",
+    "MemoryMonitor": "memory",
+    "MemorySample": "memory",
+    **{
+        name: "policies"
+        for name in (
+            "Checkpoint",
+            "ClearSession",
+            "GarbageCollect",
+            "LeakDetector",
+            "MemoryBudget",
+            "Policy",
+            "ResetStates",
+            "RetraceGuard",
+            "StopOnNaN",
+            "TrimMalloc",
+        )
+    },
     "ProgressBar": "progress",
     "Snapshot": "snapshot",
     "TrainingProgress": "state",

@@ -16,23 +16,49 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.backend.tensorflow.trainer import TensorFlowTrainer  # the default steps, to spot overrides
-from keras.src.backend.tensorflow.trainer import potentially_ragged_concat  # predict's concat of ragged pieces
-from keras.src.backend.tensorflow.trainer import reduce_per_replica  # Keras's reduction of per-replica outputs
+from keras.src.backend.tensorflow.trainer import (
+    TensorFlowTrainer,  # the default steps, to spot overrides
+    potentially_ragged_concat,  # predict's concat of ragged pieces
+    reduce_per_replica,  # Keras's reduction of per-replica outputs
+)
 from keras.src.losses.loss import unscale_loss_for_distribution  # the loss tracker sees the unscaled loss
-from keras.src.trainers.data_adapters import array_slicing  # Keras's array slicing (sparse, ragged, pandas)
-from keras.src.trainers.data_adapters import data_adapter_utils  # pack_x_y_sample_weight
-from keras.src.trainers.data_adapters import get_data_adapter  # datasets, generators, PyDataset as in fit
+from keras.src.trainers.data_adapters import (
+    array_slicing,  # Keras's array slicing (sparse, ragged, pandas)
+    data_adapter_utils,  # pack_x_y_sample_weight
+    get_data_adapter,  # datasets, generators, PyDataset as in fit
+)
 from keras.src.trainers.data_adapters.array_data_adapter import can_convert_arrays  # what counts as arrays
 from keras.src.utils.python_utils import pythonify_logs  # epoch logs as Python floats, as model.fit gives
 
 __all__ = [
-    "TensorFlowTrainer", "potentially_ragged_concat", "reduce_per_replica", "unscale_loss_for_distribution",
-    "array_slicing", "data_adapter_utils", "get_data_adapter", "can_convert_arrays", "pythonify_logs",
-    "gradient_registry", "clear_kernel_cache", "compute_output_spec", "global_seed_state", "symbolic_build",
-    "compile_config", "compiled_loss", "loss_tracker", "call_has_training_arg", "model_strategy",
-    "flatten_layers", "initial_epoch", "flatten_metrics_in_order", "history_of", "model_inputs",
-    "compute_loss", "chief_worker_only", "omit_retracing_warning", "CUSTOM_GRADIENT_PREFIX",
+    "TensorFlowTrainer",
+    "potentially_ragged_concat",
+    "reduce_per_replica",
+    "unscale_loss_for_distribution",
+    "array_slicing",
+    "data_adapter_utils",
+    "get_data_adapter",
+    "can_convert_arrays",
+    "pythonify_logs",
+    "gradient_registry",
+    "clear_kernel_cache",
+    "compute_output_spec",
+    "global_seed_state",
+    "symbolic_build",
+    "compile_config",
+    "compiled_loss",
+    "loss_tracker",
+    "call_has_training_arg",
+    "model_strategy",
+    "flatten_layers",
+    "initial_epoch",
+    "flatten_metrics_in_order",
+    "history_of",
+    "model_inputs",
+    "compute_loss",
+    "chief_worker_only",
+    "omit_retracing_warning",
+    "CUSTOM_GRADIENT_PREFIX",
 ]
 
 CUSTOM_GRADIENT_PREFIX = "CustomGradient-"
@@ -42,6 +68,7 @@ _CONTROL_FLOW_GRAPHS = ("CondBranchFuncGraph", "WhileCondFuncGraph", "WhileBodyF
 
 
 # -- TensorFlow ----------------------------------------------------------------------------------------
+
 
 def gradient_registry() -> dict | None:
     """TensorFlow's global gradient registry (name -> gradient function), or None if TF moved it.
@@ -99,6 +126,7 @@ def omit_retracing_warning(function) -> None:
 
 
 # -- Keras ---------------------------------------------------------------------------------------------
+
 
 def compute_output_spec(model, symbolic_inputs) -> Any:
     """Build a model by running it on symbolic inputs (Keras's own route in `Model.build`)."""

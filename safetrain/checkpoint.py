@@ -23,16 +23,28 @@ import os
 import shutil
 import warnings
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from safetrain import distributed
+from safetrain import _compat, distributed
 from safetrain.errors import CheckpointCorrupt, CheckpointMismatch, CheckpointWarning, ConfigurationError
 from safetrain.snapshot import Snapshot, signature
 
-__all__ = ["write", "latest", "prune", "list_checkpoints", "save", "load_latest", "training_state",
-           "CheckpointCorrupt", "CheckpointMismatch", "CheckpointWarning", "FORMAT"]
+__all__ = [
+    "write",
+    "latest",
+    "prune",
+    "list_checkpoints",
+    "save",
+    "load_latest",
+    "training_state",
+    "CheckpointCorrupt",
+    "CheckpointMismatch",
+    "CheckpointWarning",
+    "FORMAT",
+]
 
 FORMAT = "safetrain-checkpoint-2"
 PREFIX = "ckpt-"
@@ -62,9 +74,8 @@ def _encode(arrays: dict[str, np.ndarray]) -> tuple[list[memoryview], list[dict]
         value = np.ascontiguousarray(value)
         if value.dtype == object:
             raise TypeError(f"checkpoint array {name!r} has dtype object")
-        chunks.append(memoryview(value).cast("B"))
-        index.append({"name": name, "dtype": value.dtype.str, "shape": shape, "offset": offset,
-                      "nbytes": value.nbytes})
+        chunks.append(value.data.cast("B"))
+        index.append({"name": name, "dtype": value.dtype.str, "shape": shape, "offset": offset, "nbytes": value.nbytes})
         offset += value.nbytes
     return chunks, index
 
@@ -129,11 +140,13 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise CheckpointCorrupt(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
     if len(state) != meta.get("state_bytes") or zlib.crc32(state) != meta.get("state_crc32"):
-        raise CheckpointCorrupt(f"{path}: state.bin is {len(state)} bytes and fails its CRC-32 check "
-                                f"(expected {meta.get('state_bytes')} bytes): truncated or corrupted")
+        raise CheckpointCorrupt(
+            f"{path}: state.bin is {len(state)} bytes and fails its CRC-32 check "
+            f"(expected {meta.get('state_bytes')} bytes): truncated or corrupted"
+        )
     arrays = {}
     for entry in meta["arrays"]:
-        raw = state[entry["offset"]:entry["offset"] + entry["nbytes"]]
+        raw = state[entry["offset"] : entry["offset"] + entry["nbytes"]]
         arrays[entry["name"]] = np.frombuffer(raw, dtype=np.dtype(entry["dtype"])).reshape(entry["shape"]).copy()
     return arrays, meta
 
@@ -154,8 +167,9 @@ def latest(directory: str, clean: bool = True) -> tuple[str, dict[str, np.ndarra
         try:
             arrays, meta = read(path)
         except CheckpointCorrupt as e:
-            warnings.warn(f"Skipping a corrupt checkpoint: {e}. Using the previous one.", CheckpointWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"Skipping a corrupt checkpoint: {e}. Using the previous one.", CheckpointWarning, stacklevel=2
+            )
             continue
         return path, arrays, meta
     return None
@@ -169,6 +183,7 @@ def prune(directory: str, keep: int) -> None:
 
 # -- the training state a checkpoint holds ----------------------------------------------------------------
 
+
 def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
@@ -180,16 +195,18 @@ def _jsonable(value):
 def training_state(trainer) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Everything a checkpoint holds: every variable value (as arrays) and, as JSON-able metadata, the
     counters, the data position, the History so far and the model's signature."""
-    from safetrain import _compat
-
     snapshot = Snapshot.take(trainer, structure=False)
     history = _compat.history_of(trainer.callbacks) if trainer.callbacks is not None else None
     position = trainer.progress.position
     meta = {
         "counters": snapshot.counters,
         "position": None if position is None else position.state_dict(),
-        "history": None if history is None else {"epoch": list(getattr(history, "epoch", [])),
-                                                 "history": {k: list(v) for k, v in history.history.items()}},
+        "history": None
+        if history is None
+        else {
+            "epoch": list(getattr(history, "epoch", [])),
+            "history": {k: list(v) for k, v in history.history.items()},
+        },
         "signature": signature(trainer.model),
     }
     return snapshot.arrays(), json.loads(json.dumps(meta, default=_jsonable))
@@ -218,8 +235,10 @@ def _describe_mismatch(saved: Mapping | None, expected: Mapping) -> str:
             else:
                 i = next(i for i, (u, v) in enumerate(zip(a, b)) if u != v)
                 detail = f"entry {i} is {a[i]} in the checkpoint, {b[i]} in this model"
-            return (f"This checkpoint was written for another model: its {group} differ ({detail}). Point "
-                    "Checkpoint at a new directory for a new model, or delete the old checkpoints.")
+            return (
+                f"This checkpoint was written for another model: its {group} differ ({detail}). Point "
+                "Checkpoint at a new directory for a new model, or delete the old checkpoints."
+            )
     return "This checkpoint was written for another model."
 
 
@@ -228,14 +247,15 @@ def _agree(strategy, directory: str, found) -> None:
     if not distributed.is_multi_worker(strategy):
         return
     name = os.path.basename(found[0]) if found is not None else ""
-    step = float(name[len(PREFIX):]) if name.startswith(PREFIX) else -1.0
+    step = float(name[len(PREFIX) :]) if name.startswith(PREFIX) else -1.0
     steps = distributed.per_worker_values(strategy, step)
     if len(set(steps)) > 1:
         seen = ", ".join(f"worker {i}: {'none' if s < 0 else f'step {int(s)}'}" for i, s in enumerate(steps))
         raise ConfigurationError(
             f"Checkpoint: the workers see different checkpoints in {directory!r} ({seen}). In a multi-worker "
             "run only the chief writes checkpoints, so `directory` must be on storage that every worker reads "
-            "(a shared filesystem or a bucket path).")
+            "(a shared filesystem or a bucket path)."
+        )
 
 
 def load_latest(trainer, directory: str) -> tuple[str, dict[str, Any]] | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
+import keras
 import numpy as np
 import tensorflow as tf
 from keras import tree
@@ -19,7 +20,18 @@ from keras import tree
 from safetrain import _compat
 from safetrain.errors import DataError
 
-__all__ = ["DataError", "reject_unknown", "check_int", "resolve_verbose", "check_against_model", "check_sparse_labels", "check_finite_arrays", "finite_guard"]
+__all__ = [
+    "DataError",
+    "reject_unknown",
+    "check_int",
+    "resolve_verbose",
+    "check_fit_arguments",
+    "check_data",
+    "check_against_model",
+    "check_sparse_labels",
+    "check_finite_arrays",
+    "finite_guard",
+]
 
 
 def reject_unknown(kwargs: Mapping, method: Callable, what: str) -> None:
@@ -31,8 +43,7 @@ def reject_unknown(kwargs: Mapping, method: Callable, what: str) -> None:
     for k in kwargs:
         close = difflib.get_close_matches(k, known, n=1)
         parts.append(f"`{k}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
-    raise TypeError(f"{what}() got unknown keyword argument(s) {', '.join(parts)}; "
-                    f"accepted: {', '.join(known)}.")
+    raise TypeError(f"{what}() got unknown keyword argument(s) {', '.join(parts)}; accepted: {', '.join(known)}.")
 
 
 def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
@@ -69,8 +80,10 @@ def check_against_model(model, x_spec, what: str) -> None:
     if isinstance(expected, dict) and isinstance(x_spec, dict):
         missing = sorted(set(expected) - set(x_spec))
         if missing:
-            raise ValueError(f"{what}: `x` has no input named {', '.join(map(repr, missing))}; the model's inputs are "
-                             f"{sorted(expected)} and `x` gives {sorted(x_spec)}.")
+            raise ValueError(
+                f"{what}: `x` has no input named {', '.join(map(repr, missing))}; the model's inputs are "
+                f"{sorted(expected)} and `x` gives {sorted(x_spec)}."
+            )
         pairs = [(f"x[{k!r}]", x_spec[k], expected[k]) for k in expected]
     else:
         flat_expected = tree.flatten(expected)
@@ -84,18 +97,22 @@ def check_against_model(model, x_spec, what: str) -> None:
             continue
         want_shape = tuple(want.shape)
         got_shape = got.shape.as_list() if got.shape.rank is not None else None
-        if got_shape is not None and (len(got_shape) != len(want_shape) or any(
-                w is not None and g is not None and w != g for g, w in zip(got_shape[1:], want_shape[1:]))):
-            raise ValueError(f"{what}: `{name}` has shape {_shape(got)} per batch, but the model expects "
-                             f"{tuple(want_shape)} (the first dimension is the batch).")
+        if got_shape is not None and (
+            len(got_shape) != len(want_shape)
+            or any(w is not None and g is not None and w != g for g, w in zip(got_shape[1:], want_shape[1:]))
+        ):
+            raise ValueError(
+                f"{what}: `{name}` has shape {_shape(got)} per batch, but the model expects "
+                f"{tuple(want_shape)} (the first dimension is the batch)."
+            )
         if (got.dtype == tf.string) != (str(want.dtype) == "string"):
-            raise TypeError(f"{what}: `{name}` has dtype {got.dtype.name}, but the model's input "
-                            f"{getattr(want, 'name', '')!r} expects {want.dtype}.")
+            raise TypeError(
+                f"{what}: `{name}` has dtype {got.dtype.name}, but the model's input "
+                f"{getattr(want, 'name', '')!r} expects {want.dtype}."
+            )
 
 
 def _sparse_loss(loss) -> bool:
-    import keras
-
     if isinstance(loss, str):
         return loss in ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy")
     if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
@@ -114,13 +131,16 @@ def check_sparse_labels(model, y, what: str) -> None:
     labels = np.asarray(y)
     if not np.issubdtype(labels.dtype, np.number) or labels.size == 0:
         return
-    bad = np.flatnonzero((labels.reshape(len(labels), -1) < 0).any(axis=1) |
-                         (labels.reshape(len(labels), -1) >= classes).any(axis=1))
+    bad = np.flatnonzero(
+        (labels.reshape(len(labels), -1) < 0).any(axis=1) | (labels.reshape(len(labels), -1) >= classes).any(axis=1)
+    )
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{what}: `y` holds labels outside [0, {classes}) for the model's {classes} classes: "
-                         f"sample {i} has label {labels[i].tolist()} ({bad.size} such sample(s)). Sparse "
-                         "categorical losses expect class indices.")
+        raise ValueError(
+            f"{what}: `y` holds labels outside [0, {classes}) for the model's {classes} classes: "
+            f"sample {i} has label {labels[i].tolist()} ({bad.size} such sample(s)). Sparse "
+            "categorical losses expect class indices."
+        )
 
 
 def check_finite_arrays(arrays: dict, what: str, batch_size: int | None = None) -> None:
@@ -136,8 +156,10 @@ def check_finite_arrays(arrays: dict, what: str, batch_size: int | None = None) 
             if bad.size:
                 i = int(bad[0])
                 where = f" (batch {i // batch_size} without shuffling)" if batch_size else ""
-                raise ValueError(f"{what}: `{name}` contains NaN or Inf: sample {i}{where}, "
-                                 f"{bad.size} sample(s) in all (check_inputs=True).")
+                raise ValueError(
+                    f"{what}: `{name}` contains NaN or Inf: sample {i}{where}, "
+                    f"{bad.size} sample(s) in all (check_inputs=True)."
+                )
 
 
 def finite_guard(data):
@@ -149,3 +171,38 @@ def finite_guard(data):
             t = tf.debugging.check_numerics(t, f"check_inputs: element {i} of the batch contains NaN or Inf")
         checked.append(t)
     return tree.pack_sequence_as(data, checked)
+
+
+def check_fit_arguments(
+    epochs, initial_epoch, steps_per_epoch, validation_steps, validation_batch_size, validation_freq
+) -> None:
+    """`fit`'s counting arguments, each named in the error when it is not what Keras accepts."""
+    check_int("epochs", epochs, 0)
+    check_int("initial_epoch", initial_epoch, 0)
+    if epochs < initial_epoch:
+        raise ValueError(
+            f"`epochs` ({epochs}) must be >= `initial_epoch` ({initial_epoch}): `epochs` is "
+            "the index of the last epoch, not a count of epochs to add."
+        )
+    check_int("steps_per_epoch", steps_per_epoch, 1, allow_none=True)
+    check_int("validation_steps", validation_steps, 1, allow_none=True)
+    check_int("validation_batch_size", validation_batch_size, 1, allow_none=True)
+    if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
+        check_int("validation_freq", validation_freq, 1)
+    elif not (isinstance(validation_freq, (list, tuple)) and all(isinstance(v, int) for v in validation_freq)):
+        raise TypeError(f"`validation_freq` must be an int or a list of epoch numbers, got {validation_freq!r}.")
+
+
+def check_data(model, batches, x, y, sample_weight, what: str, check_inputs: bool = False) -> None:
+    """Refuse, before any step, data that does not fit the model: its inputs' shapes and dtypes, sparse labels
+    in range, and (with `check_inputs`) no NaN/Inf in float arrays."""
+    x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(batches.element_spec)
+    check_against_model(model, x_spec, what)
+    if batches.kind == "arrays":
+        check_sparse_labels(model, y, what)
+        if check_inputs:
+            check_finite_arrays(
+                {"x": x, "y": y, "sample_weight": sample_weight},
+                what,
+                batches.batch_size if not batches.shuffle else None,
+            )

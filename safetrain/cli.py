@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "demo"]
 
@@ -30,8 +30,10 @@ def _retracing_contrast(lengths: int) -> dict:
     from safetrain import SafeTrainer, memory
 
     rng = np.random.default_rng(0)
-    batches = [(rng.standard_normal((8, n, 4)).astype("float32"), rng.standard_normal((8, 1)).astype("float32"))
-               for n in range(10, 10 + lengths)]
+    batches = [
+        (rng.standard_normal((8, n, 4)).astype("float32"), rng.standard_normal((8, 1)).astype("float32"))
+        for n in range(10, 10 + lengths)
+    ]
 
     def build():
         keras.utils.set_random_seed(0)
@@ -63,8 +65,14 @@ def _retracing_contrast(lengths: int) -> dict:
     return dict(plain=plain, safe=safe)
 
 
-def demo(epochs: int = 8, samples: int = 20_000, lengths: int = 40, verbose: int = 2,
-         plot: str | None = None, models: int = 12) -> int:
+def demo(
+    epochs: int = 8,
+    samples: int = 20_000,
+    lengths: int = 40,
+    verbose: int = 2,
+    plot: str | None = None,
+    models: int = 12,
+) -> int:
     """Train a small MLP on built-in synthetic data with SafeTrainer; print memory and trace counts."""
     import keras
 
@@ -73,9 +81,15 @@ def demo(epochs: int = 8, samples: int = 20_000, lengths: int = 40, verbose: int
     t0 = time.perf_counter()
     x, y = _synthetic_regression(samples, 32)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(128, activation="relu"),
-                              keras.layers.Dropout(0.1), keras.layers.Dense(128, activation="relu"),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dropout(0.1),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
     trainer = SafeTrainer(model)
     print(f"safetrain demo: MLP on {samples} synthetic samples, {epochs} epochs, batch 32\n")
@@ -83,27 +97,37 @@ def demo(epochs: int = 8, samples: int = 20_000, lengths: int = 40, verbose: int
     print(f"\n{'epoch':>5} {'loss':>9} {'val_loss':>9} {'rss_mb':>9}  traces")
     for s, loss, val in zip(trainer.memory, history.history["loss"], history.history["val_loss"]):
         print(f"{s.epoch + 1:>5} {loss:>9.4f} {val:>9.4f} {s.rss_mb:>9.1f}  {s.traces}")
-    print(f"\nRSS slope: {trainer.memory.slope():+.3f} MiB/epoch (after a 3-epoch warm-up); "
-          f"trace counts: {trainer.trace_counts}")
+    print(
+        f"\nRSS slope: {trainer.memory.slope():+.3f} MiB/epoch (after a 3-epoch warm-up); "
+        f"trace counts: {trainer.trace_counts}"
+    )
     if lengths:
         contrast = _retracing_contrast(lengths)
         print(f"\nVariable-length sequences ({lengths} different lengths, LSTM):")
-        print(f"  plain @tf.function step : {contrast['plain']['traces']:>3} traces, "
-              f"RSS {contrast['plain']['growth']:+.1f} MiB")
-        print(f"  SafeTrainer.fit          : {contrast['safe']['traces']:>3} trace,  "
-              f"RSS {contrast['safe']['growth']:+.1f} MiB")
+        print(
+            f"  plain @tf.function step : {contrast['plain']['traces']:>3} traces, "
+            f"RSS {contrast['plain']['growth']:+.1f} MiB"
+        )
+        print(
+            f"  SafeTrainer.fit          : {contrast['safe']['traces']:>3} trace,  "
+            f"RSS {contrast['safe']['growth']:+.1f} MiB"
+        )
     if plot:
         from safetrain.plots import plot_side_by_side
 
         loop = _models_in_a_loop(models)
         print(f"\n{models} fresh models trained in a loop (1 epoch each):")
         for name, run in loop.items():
-            print(f"  {name:<12}: RSS {run['rss'][0]:.0f} -> {run['rss'][-1]:.0f} MiB, "
-                  f"{run['slope']:+.2f} MiB per model")
+            print(
+                f"  {name:<12}: RSS {run['rss'][0]:.0f} -> {run['rss'][-1]:.0f} MiB, {run['slope']:+.2f} MiB per model"
+            )
         xs = list(range(1, models + 1))
-        plot_side_by_side([(f"{name}: {run['slope']:+.2f} MiB per model", xs, run["rss"])
-                           for name, run in loop.items()], plot, xlabel="models trained",
-                          suptitle="A fresh model per fold or trial: model.fit vs SafeTrainer(factory)")
+        plot_side_by_side(
+            [(f"{name}: {run['slope']:+.2f} MiB per model", xs, run["rss"]) for name, run in loop.items()],
+            plot,
+            xlabel="models trained",
+            suptitle="A fresh model per fold or trial: model.fit vs SafeTrainer(factory)",
+        )
         print(f"plot: {plot}")
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -119,8 +143,7 @@ def _models_in_a_loop(models: int) -> dict:
     x, y = _synthetic_regression(512, 16)
 
     def build():
-        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"),
-                                  keras.layers.Dense(1)])
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)])
         model.compile(optimizer="adam", loss="mse")
         return model
 
@@ -146,17 +169,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return doctor_main(argv[1:])
     parser = argparse.ArgumentParser(prog="safetrain", description="Memory-safe training for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="run a training script unmodified and diagnose why its memory grows "
-                                  "(safetrain doctor -h)")
+    sub.add_parser(
+        "doctor", help="run a training script unmodified and diagnose why its memory grows (safetrain doctor -h)"
+    )
     p = sub.add_parser("demo", help="train a small model on synthetic data; print memory and trace counts")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--samples", type=int, default=20_000)
-    p.add_argument("--lengths", type=int, default=40,
-                   help="sequence lengths in the retracing contrast (0 to skip it)")
+    p.add_argument("--lengths", type=int, default=40, help="sequence lengths in the retracing contrast (0 to skip it)")
     p.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2))
-    p.add_argument("--plot", default=None, metavar="FILE",
-                   help="also train --models fresh models in a loop with model.fit and with SafeTrainer and write "
-                        "a PNG of memory after each, side by side")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="also train --models fresh models in a loop with model.fit and with SafeTrainer and write "
+        "a PNG of memory after each, side by side",
+    )
     p.add_argument("--models", type=int, default=12, help="models per runner for --plot (default 12)")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -166,8 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_matplotlib()
         if args.models < 6:
             parser.error("--models must be at least 6 (the slope is fitted after 3 warm-up models)")
-        return demo(epochs=args.epochs, samples=args.samples, lengths=args.lengths, verbose=args.verbose,
-                    plot=args.plot, models=args.models)
+        return demo(
+            epochs=args.epochs,
+            samples=args.samples,
+            lengths=args.lengths,
+            verbose=args.verbose,
+            plot=args.plot,
+            models=args.models,
+        )
     return 2
 
 

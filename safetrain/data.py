@@ -23,17 +23,17 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import backend
-from keras import tree
-from keras.utils import PyDataset
-from keras.utils import unpack_x_y_sample_weight
+from keras import backend, tree
+from keras.utils import PyDataset, unpack_x_y_sample_weight
 
 from safetrain._compat import array_slicing, can_convert_arrays, data_adapter_utils, get_data_adapter
 
 __all__ = ["Batches", "as_batches", "relax_spec", "split_validation", "describe_spec"]
 
-_ACCEPTED = ("NumPy arrays or tensors (or lists/tuples/dicts of them), a tf.data.Dataset, "
-             "a Python generator or a keras.utils.PyDataset")
+_ACCEPTED = (
+    "NumPy arrays or tensors (or lists/tuples/dicts of them), a tf.data.Dataset, "
+    "a Python generator or a keras.utils.PyDataset"
+)
 
 
 def _is_dataset(x) -> bool:
@@ -41,7 +41,7 @@ def _is_dataset(x) -> bool:
 
 
 def kind_of(x) -> str:
-    """"arrays", "tf.data.Dataset", "keras.utils.PyDataset" or "generator": how `x` will be read."""
+    """ "arrays", "tf.data.Dataset", "keras.utils.PyDataset" or "generator": how `x` will be read."""
     if _is_dataset(x):
         return "tf.data.Dataset"
     if isinstance(x, PyDataset):
@@ -55,8 +55,9 @@ def _relax_leaf(spec):
     if isinstance(spec, tf.TensorSpec) and spec.shape.rank:
         return tf.TensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, spec.name)
     if isinstance(spec, tf.RaggedTensorSpec) and spec.shape.rank:
-        return tf.RaggedTensorSpec([None] + spec.shape.as_list()[1:], spec.dtype, spec.ragged_rank,
-                                   spec.row_splits_dtype)
+        return tf.RaggedTensorSpec(
+            [None] + spec.shape.as_list()[1:], spec.dtype, spec.ragged_rank, spec.row_splits_dtype
+        )
     if isinstance(spec, tf.SparseTensorSpec) and spec.shape.rank:
         return tf.SparseTensorSpec([None] + spec.shape.as_list()[1:], spec.dtype)
     return spec
@@ -73,10 +74,12 @@ def relax_spec(spec):
 
 def describe_spec(spec) -> str:
     """A short human-readable rendering of an element spec, for error messages."""
+
     def one(s):
         if hasattr(s, "shape") and hasattr(s, "dtype"):
             return f"{s.dtype.name}{list(s.shape.as_list()) if s.shape.rank is not None else '[?]'}"
         return type(s).__name__
+
     return str(tf.nest.map_structure(one, spec))
 
 
@@ -84,8 +87,9 @@ def _check_batch_size(batch_size, name="batch_size"):
     if batch_size is None:
         return
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"`{name}` must be a positive integer or None, got {batch_size!r} "
-                        f"(type {type(batch_size).__name__}).")
+        raise TypeError(
+            f"`{name}` must be a positive integer or None, got {batch_size!r} (type {type(batch_size).__name__})."
+        )
     if batch_size <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {batch_size}.")
 
@@ -104,9 +108,19 @@ class Batches:
         kind: "arrays", "tf.data.Dataset", "generator" or "keras.utils.PyDataset".
     """
 
-    def __init__(self, kind: str, element_spec, num_batches: int | None, adapter=None, dataset=None,
-                 arrays=None, num_samples: int | None = None, batch_size: int | None = None,
-                 shuffle: bool | str = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        element_spec,
+        num_batches: int | None,
+        adapter=None,
+        dataset=None,
+        arrays=None,
+        num_samples: int | None = None,
+        batch_size: int | None = None,
+        shuffle: bool | str = False,
+        seed: int = 0,
+    ) -> None:
         self.kind = kind
         self.element_spec = element_spec
         self.num_batches = num_batches
@@ -128,17 +142,20 @@ class Batches:
     def order(self, epoch: int) -> np.ndarray:
         """Sample order of epoch `epoch` for array inputs: a pure function of `(seed, epoch)`."""
         n, bs = self.num_samples, self.batch_size
+        assert n is not None and bs is not None, "order() is for array inputs"
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle == "batch":
             # Keras's "batch" shuffle: batches keep their samples, the order inside each batch is shuffled.
-            return np.concatenate([rng.permutation(np.arange(i, min(i + bs, n), dtype=np.int64))
-                                   for i in range(0, n, bs)])
+            return np.concatenate(
+                [rng.permutation(np.arange(i, min(i + bs, n), dtype=np.int64)) for i in range(0, n, bs)]
+            )
         return rng.permutation(n).astype(np.int64)
 
     def _array_dataset(self, epoch: int) -> tf.data.Dataset:
         n, bs = self.num_samples, self.batch_size
+        assert n is not None and bs is not None
         order = self.order(epoch)
         full = (n // bs) * bs
         index_batches = tf.data.Dataset.from_tensor_slices(order[:full].reshape(-1, bs))
@@ -157,10 +174,12 @@ class Batches:
                 if tf.is_tensor(a):
                     return tf.gather(a, indices, axis=0)
                 return a
+
             return tree.traverse(one, data)
 
         ds = tf.data.Dataset.zip((index_batches, self._data)).map(
-            grab, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            grab, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
         options = tf.data.Options()
         options.experimental_optimization.apply_default_optimizations = False
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -191,8 +210,7 @@ def _check_class_weight(class_weight):
     if class_weight is None:
         return
     if not isinstance(class_weight, dict) or not class_weight:
-        raise TypeError(f"`class_weight` must be a non-empty dict mapping class index to weight, "
-                        f"got {class_weight!r}.")
+        raise TypeError(f"`class_weight` must be a non-empty dict mapping class index to weight, got {class_weight!r}.")
     for k in class_weight:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
             raise ValueError(f"`class_weight` keys must be non-negative class indices, got key {k!r}.")
@@ -205,20 +223,24 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         if y is None:
             raise ValueError("`class_weight` needs targets `y`.")
         if tree.is_nested(y):
-            raise ValueError("`class_weight` is only supported for models with a single output "
-                             "(`y` is nested); pass `sample_weight` per output instead.")
+            raise ValueError(
+                "`class_weight` is only supported for models with a single output "
+                "(`y` is nested); pass `sample_weight` per output instead."
+            )
     if sample_weight is not None and tree.is_nested(y) and not tree.is_nested(sample_weight):
         sw = np.asarray(sample_weight)
         if not (sw.ndim == 1 or (sw.ndim == 2 and sw.shape[1] == 1)):
-            raise ValueError("With several outputs, a single `sample_weight` array must have one weight per "
-                             f"sample (shape (num_samples,)), got shape {sw.shape}.")
+            raise ValueError(
+                "With several outputs, a single `sample_weight` array must have one weight per "
+                f"sample (shape (num_samples,)), got shape {sw.shape}."
+            )
         sample_weight = tree.map_structure(lambda _: sample_weight, y)
-    sizes = {name: _num_samples(v) for name, v in (("x", x), ("y", y), ("sample_weight", sample_weight))
-             if v is not None}
+    sizes = {
+        name: _num_samples(v) for name, v in (("x", x), ("y", y), ("sample_weight", sample_weight)) if v is not None
+    }
     all_sizes = set().union(*sizes.values()) if sizes else set()
     if len(all_sizes) > 1:
-        detail = ", ".join(f"`{k}` has {sorted(v) if len(v) > 1 else next(iter(v))} samples"
-                           for k, v in sizes.items())
+        detail = ", ".join(f"`{k}` has {sorted(v) if len(v) > 1 else next(iter(v))} samples" for k, v in sizes.items())
         raise ValueError(f"{what}: inputs must all have the same number of samples, but {detail}.")
     if not all_sizes:
         raise ValueError(f"{what}: `x` holds no arrays.")
@@ -233,12 +255,19 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         batch_size = int(math.ceil(n / steps)) if steps else 32
     arrays = tree.lists_to_tuples(array_slicing.convert_to_sliceable(inputs, target_backend="tensorflow"))
     arrays = tree.traverse(_to_tensor, arrays)
-    spec = tree.traverse(
-        lambda a: None if isinstance(a, (list, tuple, dict)) else _array_spec(a), arrays)
+    spec = tree.traverse(lambda a: None if isinstance(a, (list, tuple, dict)) else _array_spec(a), arrays)
     if shuffle not in (True, False, "batch"):
         raise ValueError(f"`shuffle` must be True, False or 'batch', got {shuffle!r}.")
-    return Batches("arrays", relax_spec(spec), int(math.ceil(n / batch_size)), arrays=arrays,
-                   num_samples=n, batch_size=int(batch_size), shuffle=shuffle, seed=seed)
+    return Batches(
+        "arrays",
+        relax_spec(spec),
+        int(math.ceil(n / batch_size)),
+        arrays=arrays,
+        num_samples=n,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        seed=seed,
+    )
 
 
 def _strings_as_tensors(a):
@@ -269,9 +298,18 @@ def _array_spec(a):
     return tf.TensorSpec(a.shape, tf.as_dtype(a.dtype) if a.dtype != object else tf.string)
 
 
-def as_batches(x, y=None, sample_weight=None, *, batch_size: int | None = None, shuffle: bool | str = False,
-               class_weight: dict | None = None, steps: int | None = None, seed: int | None = None,
-               what: str = "fit") -> Batches:
+def as_batches(
+    x,
+    y=None,
+    sample_weight=None,
+    *,
+    batch_size: int | None = None,
+    shuffle: bool | str = False,
+    class_weight: dict | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    what: str = "fit",
+) -> Batches:
     """Validate one input and return its `Batches`.
 
     Raises `ValueError`/`TypeError` naming the argument for: an unsupported type, `y` or `sample_weight`
@@ -292,21 +330,28 @@ def as_batches(x, y=None, sample_weight=None, *, batch_size: int | None = None, 
     kind = kind_of(x)
     if kind == "arrays":
         if not can_convert_arrays((x, y, sample_weight)):
-            bad = [type(a).__name__ for a in tree.flatten((x, y, sample_weight))
-                   if not array_slicing.can_slice_array(a)]
+            bad = [
+                type(a).__name__ for a in tree.flatten((x, y, sample_weight)) if not array_slicing.can_slice_array(a)
+            ]
             raise TypeError(f"{what}: `x` must be {_ACCEPTED}; got unsupported type(s) {sorted(set(bad))}.")
         return _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, what)
 
     for name, value in (("y", y), ("sample_weight", sample_weight)):
         if value is not None:
-            raise ValueError(f"{what}: `{name}` must be None when `x` is a {kind}; the {kind} itself must "
-                             f"yield `(x, y)` or `(x, y, sample_weight)`.")
+            raise ValueError(
+                f"{what}: `{name}` must be None when `x` is a {kind}; the {kind} itself must "
+                f"yield `(x, y)` or `(x, y, sample_weight)`."
+            )
     if batch_size is not None:
-        raise ValueError(f"{what}: `batch_size` must be None when `x` is a {kind}: it already yields "
-                         f"batches (got batch_size={batch_size}).")
+        raise ValueError(
+            f"{what}: `batch_size` must be None when `x` is a {kind}: it already yields "
+            f"batches (got batch_size={batch_size})."
+        )
     if kind == "generator" and class_weight is not None:
-        raise ValueError(f"{what}: `class_weight` is not supported with a generator; yield sample weights "
-                         "as the third element instead.")
+        raise ValueError(
+            f"{what}: `class_weight` is not supported with a generator; yield sample weights "
+            "as the third element instead."
+        )
     if kind == "tf.data.Dataset" and isinstance(x, tf.data.Dataset):
         card = int(x.cardinality())
         if card == 0:
@@ -315,8 +360,9 @@ def as_batches(x, y=None, sample_weight=None, *, batch_size: int | None = None, 
         # Keras warns that `shuffle` is ignored for these inputs; that is documented behaviour here.
         warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
         try:
-            adapter = get_data_adapter(x, class_weight=class_weight, shuffle=shuffle if kind != "generator"
-                                       else False, steps_per_epoch=steps)
+            adapter = get_data_adapter(
+                x, class_weight=class_weight, shuffle=shuffle if kind != "generator" else False, steps_per_epoch=steps
+            )
             dataset = adapter.get_tf_dataset()
         except ValueError as e:
             raise ValueError(f"{what}: invalid `x` ({kind}): {e}") from e
@@ -325,8 +371,7 @@ def as_batches(x, y=None, sample_weight=None, *, batch_size: int | None = None, 
         num_batches = None
     if num_batches == 0:
         raise ValueError(f"{what}: `x` ({kind}) yields no batches.")
-    return Batches(kind, relax_spec(dataset.element_spec), num_batches, adapter=adapter, dataset=dataset,
-                   seed=seed)
+    return Batches(kind, relax_spec(dataset.element_spec), num_batches, adapter=adapter, dataset=dataset, seed=seed)
 
 
 def split_validation(x, y, sample_weight, validation_split: float):
@@ -334,13 +379,17 @@ def split_validation(x, y, sample_weight, validation_split: float):
 
     Returns `((x, y, sample_weight), (val_x, val_y, val_sample_weight))`.
     """
-    if isinstance(validation_split, bool) or not isinstance(validation_split, (float, int)) \
-            or not 0.0 <= validation_split < 1.0:
+    if (
+        isinstance(validation_split, bool)
+        or not isinstance(validation_split, (float, int))
+        or not 0.0 <= validation_split < 1.0
+    ):
         raise ValueError(f"`validation_split` must be a float in [0, 1), got {validation_split!r}.")
     kind = kind_of(x)
     if kind != "arrays":
-        raise ValueError(f"`validation_split` is only supported for array inputs, not for a {kind}; "
-                         "pass `validation_data` instead.")
+        raise ValueError(
+            f"`validation_split` is only supported for array inputs, not for a {kind}; pass `validation_data` instead."
+        )
     try:
         train, val = array_slicing.train_validation_split((x, y, sample_weight), validation_split)
     except ValueError as e:
@@ -352,7 +401,9 @@ def unpack_validation_data(validation_data) -> tuple[Any, Any, Any]:
     """`validation_data` as `(x, y, sample_weight)`; a dataset, generator or PyDataset stays whole."""
     if isinstance(validation_data, (list, tuple)):
         if len(validation_data) not in (1, 2, 3):
-            raise ValueError("`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, val_sample_weight)`, "
-                             f"a dataset, generator or PyDataset; got a sequence of length {len(validation_data)}.")
+            raise ValueError(
+                "`validation_data` must be `(x_val, y_val)`, `(x_val, y_val, val_sample_weight)`, "
+                f"a dataset, generator or PyDataset; got a sequence of length {len(validation_data)}."
+            )
         return unpack_x_y_sample_weight(tuple(validation_data))
     return validation_data, None, None

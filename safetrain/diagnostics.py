@@ -65,8 +65,13 @@ def diagnose(trainer, base: dict, growth: float, window: int, threshold: float, 
     `resets`: whether the trainer already resets stateful layers (a `ResetStates` policy).
     """
     now = object_stats()
-    grew = sorted(((k, n - base["objects"].get(k, (0, 0))[0], b - base["objects"].get(k, (0, 0))[1])
-                   for k, (n, b) in now.items()), key=lambda t: -t[2])
+    grew = sorted(
+        (
+            (k, n - base["objects"].get(k, (0, 0))[0], b - base["objects"].get(k, (0, 0))[1])
+            for k, (n, b) in now.items()
+        ),
+        key=lambda t: -t[2],
+    )
     grew = [g for g in grew if g[2] > 0][:8]
     object_mb = sum(g[2] for g in grew) / 2**20
     rss_mb = sample.rss_mb - base["rss_mb"]
@@ -75,26 +80,45 @@ def diagnose(trainer, base: dict, growth: float, window: int, threshold: float, 
     traces = dict(trainer.steps.total_trace_counts)
     stateful = any(getattr(layer, "stateful", False) for layer in hooks.layers_of(trainer.model))
     if any(n > 1 for n in trainer.steps.trace_counts.values()):
-        suggestion = ("RetraceGuard(max_traces=1): steps are being traced again; give the data one dtype and "
-                      "make dimensions that vary None")
+        suggestion = (
+            "RetraceGuard(max_traces=1): steps are being traced again; give the data one dtype and "
+            "make dimensions that vary None"
+        )
     elif models > 0:
-        suggestion = (f"ClearSession(every_n_epochs=...), and build models with a factory: {models} more "
-                      "Keras models are alive than after the first epoch")
+        suggestion = (
+            f"ClearSession(every_n_epochs=...), and build models with a factory: {models} more "
+            "Keras models are alive than after the first epoch"
+        )
     elif stateful and not resets:
         suggestion = "ResetStates('epoch'): the model has stateful layers that are never reset"
     elif grew and object_mb >= 0.5 * max(rss_mb, 1e-9):
-        suggestion = (f"something accumulates Python objects ({grew[0][0]}: +{grew[0][1]} objects, "
-                      f"+{grew[0][2] / 2**20:.1f} MiB); look at callbacks and custom layers that keep "
-                      "per-batch results (give layers a release_memory hook)")
+        suggestion = (
+            f"something accumulates Python objects ({grew[0][0]}: +{grew[0][1]} objects, "
+            f"+{grew[0][2] / 2**20:.1f} MiB); look at callbacks and custom layers that keep "
+            "per-batch results (give layers a release_memory hook)"
+        )
     else:
-        suggestion = ("TrimMalloc() or GarbageCollect(): no live objects account for the growth, so the "
-                      "allocator is keeping freed memory; memory only a new process returns needs a fresh "
-                      "process per run")
+        suggestion = (
+            "TrimMalloc() or GarbageCollect(): no live objects account for the growth, so the "
+            "allocator is keeping freed memory; memory only a new process returns needs a fresh "
+            "process per run"
+        )
     top = ", ".join(f"{k} +{n} ({b / 2**20:.1f} MiB)" for k, n, b in grew[:5]) or "none"
-    text = (f"RSS grows {growth:.2f} MiB/epoch over the last {window} epochs (threshold "
-            f"{threshold:.2f}); +{rss_mb:.1f} MiB since epoch {base['epoch'] + 1}, of which "
-            f"live Python objects account for {object_mb:.1f} MiB. Traces: {traces}. Keras models alive: "
-            f"{models:+d}, function graphs: {graphs:+d} since epoch {base['epoch'] + 1}. Grew most: {top}. "
-            f"Suggested: {suggestion}.")
-    return dict(slope_mb_per_epoch=growth, traces=traces, grew=grew, object_mb=object_mb, rss_mb=rss_mb,
-                live_models=models, func_graphs=graphs, suggestion=suggestion, text=text)
+    text = (
+        f"RSS grows {growth:.2f} MiB/epoch over the last {window} epochs (threshold "
+        f"{threshold:.2f}); +{rss_mb:.1f} MiB since epoch {base['epoch'] + 1}, of which "
+        f"live Python objects account for {object_mb:.1f} MiB. Traces: {traces}. Keras models alive: "
+        f"{models:+d}, function graphs: {graphs:+d} since epoch {base['epoch'] + 1}. Grew most: {top}. "
+        f"Suggested: {suggestion}."
+    )
+    return dict(
+        slope_mb_per_epoch=growth,
+        traces=traces,
+        grew=grew,
+        object_mb=object_mb,
+        rss_mb=rss_mb,
+        live_models=models,
+        func_graphs=graphs,
+        suggestion=suggestion,
+        text=text,
+    )

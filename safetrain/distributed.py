@@ -17,9 +17,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import re
+import shutil
 import tempfile
 import weakref
 
@@ -29,14 +31,33 @@ import tensorflow as tf
 from safetrain import _compat
 from safetrain.errors import ConfigurationError, WorkerFailure
 
-__all__ = ["WorkerFailure", "is_multi_worker", "is_chief", "worker_index", "num_workers",
-           "gather_across_workers", "per_worker_values", "max_across_workers", "min_across_workers", "any_across_workers",
-           "chief_only_path", "callbacks_for_worker", "worker_failures", "reports_worker_failures",
-           "check_model_strategy", "COLLECTIVE_ERRORS"]
+__all__ = [
+    "WorkerFailure",
+    "is_multi_worker",
+    "is_chief",
+    "worker_index",
+    "num_workers",
+    "gather_across_workers",
+    "per_worker_values",
+    "max_across_workers",
+    "min_across_workers",
+    "any_across_workers",
+    "chief_only_path",
+    "callbacks_for_worker",
+    "worker_failures",
+    "reports_worker_failures",
+    "check_model_strategy",
+    "COLLECTIVE_ERRORS",
+]
 
 # What a collective raises on the surviving workers when a peer died or stopped answering.
-COLLECTIVE_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-                     tf.errors.CancelledError, tf.errors.InternalError)
+COLLECTIVE_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.InternalError,
+)
 
 
 def _resolver(strategy):
@@ -86,8 +107,8 @@ def gather_across_workers(strategy: tf.distribute.Strategy | None, value: float)
     """
     if not is_multi_worker(strategy):
         return np.asarray([value], dtype=np.float64)
-    local = strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.constant([value], tf.float64))
+    assert strategy is not None
+    local = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant([value], tf.float64))
     try:
         gathered = _gather_function(strategy)(local)
     except COLLECTIVE_ERRORS as error:
@@ -95,7 +116,7 @@ def gather_across_workers(strategy: tf.distribute.Strategy | None, value: float)
     return np.asarray(gathered.numpy(), dtype=np.float64)
 
 
-_GATHER_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GATHER_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _gather_function(strategy):
@@ -140,8 +161,7 @@ def chief_only_path(strategy, path: str) -> str:
     """
     if is_chief(strategy):
         return path
-    return os.path.join(tempfile.mkdtemp(prefix=f"safetrain_worker{worker_index(strategy)}_"),
-                        os.path.basename(path))
+    return os.path.join(tempfile.mkdtemp(prefix=f"safetrain_worker{worker_index(strategy)}_"), os.path.basename(path))
 
 
 def worker_failure(error: BaseException) -> WorkerFailure:
@@ -156,7 +176,8 @@ def worker_failure(error: BaseException) -> WorkerFailure:
         f"Multi-worker training stopped: {who} failed or became unreachable ({reason}), so the collective "
         "operations this worker was running were aborted instead of waiting forever. Check that worker's "
         "log for the first error, then restart all workers; a Checkpoint policy resumes them from the "
-        f"last checkpoint. TensorFlow said: {' '.join(tail.split())[:400]}")
+        f"last checkpoint. TensorFlow said: {' '.join(tail.split())[:400]}"
+    )
 
 
 @contextlib.contextmanager
@@ -178,8 +199,7 @@ def worker_failures(strategy):
 
 
 def _is_instance(callback, names: tuple[str, ...]) -> bool:
-    return any(c.__name__ in names and c.__module__.startswith(("keras", "safetrain"))
-               for c in type(callback).__mro__)
+    return any(c.__name__ in names and c.__module__.startswith(("keras", "safetrain")) for c in type(callback).__mro__)
 
 
 # Callbacks whose only effect is writing logs or progress: on other workers they are left out.
@@ -194,9 +214,6 @@ def callbacks_for_worker(strategy, callbacks):
     worker must join) but writes into a private temporary folder that is removed afterwards; and
     `BackupAndRestore` keeps its own per-worker folder, so every worker restores the same state.
     """
-    import copy
-    import shutil
-
     callbacks = list(callbacks or [])
     if is_chief(strategy):
         return callbacks, lambda: None
@@ -228,18 +245,24 @@ def check_model_strategy(model, strategy: tf.distribute.Strategy) -> None:
     """A model whose variables exist already must have made them under `strategy`."""
     own = _compat.model_strategy(model)
     if own is not None and own is not strategy:
-        raise ConfigurationError(f"`strategy`: the model was built under another strategy ({type(own).__name__}); "
-                                 "pass that one, or a model factory, which SafeTrainer calls inside `strategy`.")
+        raise ConfigurationError(
+            f"`strategy`: the model was built under another strategy ({type(own).__name__}); "
+            "pass that one, or a model factory, which SafeTrainer calls inside `strategy`."
+        )
     if own is None and model.variables and strategy.num_replicas_in_sync > 1:
-        raise ConfigurationError(f"`strategy`: the model's variables were made outside {type(strategy).__name__}'s "
-                                 "scope. Build and compile it inside `with strategy.scope():`, or pass a factory "
-                                 "(a function returning the compiled model), which SafeTrainer calls in the scope.")
+        raise ConfigurationError(
+            f"`strategy`: the model's variables were made outside {type(strategy).__name__}'s "
+            "scope. Build and compile it inside `with strategy.scope():`, or pass a factory "
+            "(a function returning the compiled model), which SafeTrainer calls in the scope."
+        )
 
 
 def reports_worker_failures(method):
     """Run `method` so that, in a multi-worker run, a dead peer surfaces as `WorkerFailure`."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with worker_failures(self.strategy):
             return method(self, *args, **kwargs)
+
     return wrapper

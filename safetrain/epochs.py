@@ -19,8 +19,10 @@ from safetrain.state import DataPosition
 
 __all__ = ["EpochIterator"]
 
-_RAN_OUT = ("Your input ran out of data; interrupting the epoch. Make sure that your dataset or generator "
-            "can generate at least `steps_per_epoch * epochs` batches (e.g. use `.repeat()` on a dataset).")
+_RAN_OUT = (
+    "Your input ran out of data; interrupting the epoch. Make sure that your dataset or generator "
+    "can generate at least `steps_per_epoch * epochs` batches (e.g. use `.repeat()` on a dataset)."
+)
 
 
 class EpochIterator:
@@ -37,8 +39,9 @@ class EpochIterator:
         625
     """
 
-    def __init__(self, batches: Batches, steps_per_epoch: int | None = None,
-                 strategy: tf.distribute.Strategy | None = None) -> None:
+    def __init__(
+        self, batches: Batches, steps_per_epoch: int | None = None, strategy: tf.distribute.Strategy | None = None
+    ) -> None:
         self.batches = batches
         self.steps_per_epoch = steps_per_epoch
         self.num_batches = batches.num_batches
@@ -54,8 +57,11 @@ class EpochIterator:
         if skip:
             ds = ds.skip(skip)
         strategy = self._strategy
-        if strategy is not None and strategy.num_replicas_in_sync > 1 and not isinstance(
-                ds, tf.distribute.DistributedDataset):
+        if (
+            strategy is not None
+            and strategy.num_replicas_in_sync > 1
+            and not isinstance(ds, tf.distribute.DistributedDataset)
+        ):
             ds = strategy.experimental_distribute_dataset(ds)
         iterator = iter(ds)
         if isinstance(ds, tf.distribute.DistributedDataset):

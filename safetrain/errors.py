@@ -14,9 +14,23 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "SafetrainError", "ConfigurationError", "OutOfMemory", "OutOfMemoryWarning", "StepError", "DataError",
-    "CheckpointCorrupt", "CheckpointMismatch", "CheckpointWarning", "SnapshotMismatch", "MemoryBudgetExceeded",
-    "RetraceError", "LeakWarning", "NonFiniteLoss", "WorkerFailure", "IsolatedProcessError", "RemoteTraceback",
+    "SafetrainError",
+    "ConfigurationError",
+    "OutOfMemory",
+    "OutOfMemoryWarning",
+    "StepError",
+    "DataError",
+    "CheckpointCorrupt",
+    "CheckpointMismatch",
+    "CheckpointWarning",
+    "SnapshotMismatch",
+    "MemoryBudgetExceeded",
+    "RetraceError",
+    "LeakWarning",
+    "NonFiniteLoss",
+    "WorkerFailure",
+    "IsolatedProcessError",
+    "RemoteTraceback",
     "step_error",
 ]
 
@@ -72,8 +86,9 @@ def step_error(error: BaseException, message: str) -> Exception:
         return StepError(message)
     cls = _STEP_ERROR_CLASSES.get(base)
     if cls is None:
-        cls = _STEP_ERROR_CLASSES[base] = type(f"Step{base.__name__}", (StepError, base),
-                                               {"__module__": __name__, "__doc__": StepError.__doc__})
+        cls = _STEP_ERROR_CLASSES[base] = type(
+            f"Step{base.__name__}", (StepError, base), {"__module__": __name__, "__doc__": StepError.__doc__}
+        )
     op: Any = getattr(error, "_op", None)
     node_def: Any = getattr(error, "_node_def", None)
     return cls(node_def, op, message)
@@ -140,6 +155,7 @@ class RemoteTraceback(Exception):
 
 
 # -- control flow inside the loop (not errors: how a pass, an epoch or a run ends) ------------------------
+
 
 class StopPass(Exception):
     """End the current pass (a training epoch, an evaluation or a prediction) after the chunk that just ran."""

@@ -22,8 +22,9 @@ MARKER = "safetrain: simulated out of memory"
 
 def _raise_above(size, limit):
     if int(size) > int(limit):
-        raise MemoryError(f"{MARKER}: a step on {int(size)} samples needs more than the simulated limit of "
-                          f"{int(limit)}")
+        raise MemoryError(
+            f"{MARKER}: a step on {int(size)} samples needs more than the simulated limit of {int(limit)}"
+        )
     return tf.constant(0.0)
 
 
@@ -37,8 +38,9 @@ def _check(size, limit: int) -> tf.Tensor:
 def simulate_oom_above(trainer, max_batch_size: int | None) -> None:
     """Make the trainer's train steps raise `ResourceExhaustedError` on batches larger than `max_batch_size`
     (None turns it off). Takes effect from the next trace (the train step is rebuilt now)."""
-    if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-                                       or max_batch_size < 0):
+    if max_batch_size is not None and (
+        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0
+    ):
         raise ValueError(f"`max_batch_size` must be a non-negative int or None, got {max_batch_size!r}.")
     trainer.__dict__.pop("compute_loss", None)  # a previous simulation's wrapper
     if max_batch_size is not None:

@@ -20,7 +20,7 @@ Keras's stateful RNN layers (`stateful=True`) are reset through their own `reset
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import keras
 
@@ -31,8 +31,13 @@ __all__ = ["register", "unregister", "reset_states", "release_memory", "after_re
 _REGISTRY: dict[type, dict[str, Callable | None]] = {}
 
 
-def register(layer_class: type, *, reset: Callable | None = None, release: Callable | None = None,
-             after_rehydrate: Callable | None = None) -> None:
+def register(
+    layer_class: type,
+    *,
+    reset: Callable | None = None,
+    release: Callable | None = None,
+    after_rehydrate: Callable | None = None,
+) -> None:
     """Give `layer_class` (and its subclasses) hooks without editing it.
 
     Each function receives the layer (and `after_rehydrate` also the `Snapshot`). A registered function

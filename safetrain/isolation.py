@@ -20,7 +20,8 @@ import pickle
 import signal
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from safetrain.errors import IsolatedProcessError, RemoteTraceback
 
@@ -44,8 +45,12 @@ def _child(conn, fn, args, kwargs) -> None:
     try:
         conn.send(payload)
     except Exception as e:  # noqa: BLE001 - the result itself may not pickle
-        conn.send(("error", (None, type(e).__name__, f"the result of {fn!r} could not be sent back: {e}",
-                             traceback.format_exc())))
+        conn.send(
+            (
+                "error",
+                (None, type(e).__name__, f"the result of {fn!r} could not be sent back: {e}", traceback.format_exc()),
+            )
+        )
     finally:
         conn.close()
 
@@ -69,8 +74,9 @@ def run_isolated(fn: Callable[..., Any], *args, **kwargs) -> Any:
     try:
         pickle.dumps(fn)
     except Exception as e:  # noqa: BLE001
-        raise TypeError(f"`fn` must be picklable to run in another process (a module-level function, not a "
-                        f"lambda or closure): {e}") from e
+        raise TypeError(
+            f"`fn` must be picklable to run in another process (a module-level function, not a lambda or closure): {e}"
+        ) from e
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(sender, fn, args, kwargs), daemon=False)
@@ -88,10 +94,13 @@ def run_isolated(fn: Callable[..., Any], *args, **kwargs) -> Any:
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             hint = " (the OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
-            raise IsolatedProcessError(f"The isolated process running {getattr(fn, '__name__', fn)} was killed by "
-                                       f"signal {name}{hint}.")
-        raise IsolatedProcessError(f"The isolated process running {getattr(fn, '__name__', fn)} exited with code "
-                                   f"{code} without returning a result.")
+            raise IsolatedProcessError(
+                f"The isolated process running {getattr(fn, '__name__', fn)} was killed by signal {name}{hint}."
+            )
+        raise IsolatedProcessError(
+            f"The isolated process running {getattr(fn, '__name__', fn)} exited with code "
+            f"{code} without returning a result."
+        )
     kind, payload = message
     if kind == "ok":
         return payload

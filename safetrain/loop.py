@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import keras
 import numpy as np
@@ -27,24 +27,20 @@ from safetrain import _compat, distributed, microbatch
 from safetrain.data import Batches
 from safetrain.epochs import EpochIterator
 from safetrain.errors import StopPass, StopTraining, step_error
+from safetrain.events import Events
+from safetrain.graph_loops import ChunkSizer
 from safetrain.progress import ProgressBar
-from safetrain.steps import ChunkSizer
 
 __all__ = ["Loop", "Events", "catch_stop", "concat"]
 
-_BATCH_HOOKS = {
-    "train": ("on_batch_begin", "on_batch_end", "on_train_batch_begin", "on_train_batch_end"),
-    "test": ("on_test_batch_begin", "on_test_batch_end"),
-    "predict": ("on_predict_batch_begin", "on_predict_batch_end"),
-}
 # What a failing step raises when its data (or the model on that data) is at fault; named by `step_error`.
-_STEP_FAILURES = (tf.errors.InvalidArgumentError, tf.errors.UnknownError, tf.errors.FailedPreconditionError,
-                  tf.errors.CancelledError)
+_STEP_FAILURES = (
+    tf.errors.InvalidArgumentError,
+    tf.errors.UnknownError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.CancelledError,
+)
 _CALLS = {"train": "fit", "test": "evaluate", "predict": "predict"}
-
-
-def _overrides(callback, hook: str) -> bool:
-    return not getattr(getattr(callback, hook), "_is_default", False)
 
 
 @contextlib.contextmanager
@@ -62,63 +58,19 @@ def _all_finite(logs) -> bool:
     return bool(np.all(np.isfinite([float(v) for v in values]))) if values else True
 
 
-class Events:
-    """One dispatcher for a run's listeners: Keras callbacks (the progress bar among them) and policies.
-
-    A callback that overrides a per-batch hook of a kind makes that kind run one step per call and hear
-    every step (as under `model.fit`); callbacks marked `chunk_safe` (the progress bar) instead hear the
-    last step of every chunk, so training keeps running many steps per call.
-    """
-
-    def __init__(self, trainer, callbacks: CallbackList) -> None:
-        self.trainer = trainer
-        self.callbacks = callbacks
-        listeners = callbacks.callbacks
-        self.per_step = {kind: any(not getattr(cb, "chunk_safe", False) and any(_overrides(cb, h) for h in hooks)
-                                   for cb in listeners) for kind, hooks in _BATCH_HOOKS.items()}
-        self.per_chunk = {kind: [cb for cb in listeners if getattr(cb, "chunk_safe", False)
-                                 and _overrides(cb, f"on_{kind}_batch_end")] for kind in _BATCH_HOOKS}
-
-    def chunk_begin(self, kind: str, step: int) -> None:
-        if self.per_step[kind]:
-            getattr(self.callbacks, f"on_{kind}_batch_begin")(step)
-
-    def chunk_end(self, kind: str, last_step: int, logs) -> None:
-        if self.per_step[kind]:
-            getattr(self.callbacks, f"on_{kind}_batch_end")(last_step, logs)
-            return
-        for cb in self.per_chunk[kind]:
-            getattr(cb, f"on_{kind}_batch_end")(last_step, logs)
-
-    def steps_done(self, steps: int) -> None:
-        """Training steps ran: the policies that asked to see this global step do."""
-        policies = self.trainer.policies
-        if policies.wants_batches:
-            policies.on_batch_end(self.trainer, self.trainer.progress.global_step)
-
-    def nonfinite(self, epoch: int, step: int, logs) -> None:
-        self.trainer.policies.on_nonfinite_loss(self.trainer, epoch, step, _compat.pythonify_logs(logs))
-
-    def train_begin(self) -> None:
-        self.callbacks.on_train_begin()
-        self.trainer.policies.on_train_begin(self.trainer)
-
-    def epoch_begin(self, epoch: int) -> None:
-        self.callbacks.on_epoch_begin(epoch)
-        self.trainer.policies.on_epoch_begin(self.trainer, epoch)
-
-    def epoch_end(self, epoch: int, logs: dict, sample) -> None:
-        self.callbacks.on_epoch_end(epoch, logs)
-        self.trainer.progress.epoch = epoch + 1  # a snapshot taken now resumes at the next epoch
-        self.trainer.policies.on_epoch_end(self.trainer, epoch, logs, sample)
-
-
-
 class Loop:
     """Runs the trainer's compiled steps over batches, stage by stage. One per call of fit/evaluate/predict."""
 
-    def __init__(self, trainer, callbacks: Iterable | None, *, verbose: int, epochs: int = 1,
-                 steps: int | None = None, add_history: bool = False) -> None:
+    def __init__(
+        self,
+        trainer,
+        callbacks: Iterable | None,
+        *,
+        verbose: int,
+        epochs: int = 1,
+        steps: int | None = None,
+        add_history: bool = False,
+    ) -> None:
         self.trainer = trainer
         callbacks, self._cleanup = distributed.callbacks_for_worker(trainer.strategy, callbacks)
         callbacks = list(callbacks or [])
@@ -126,14 +78,30 @@ class Loop:
         self.bar = ProgressBar(verbose) if verbose and trainer.is_chief else None
         if self.bar is not None:
             callbacks.append(self.bar)
-        self.callbacks = CallbackList(callbacks, add_history=add_history, add_progbar=False, verbose=verbose,
-                                      epochs=epochs, steps=steps, model=trainer.model)
+        self.callbacks = CallbackList(
+            callbacks,
+            add_history=add_history,
+            add_progbar=False,
+            verbose=verbose,
+            epochs=epochs,
+            steps=steps,
+            model=trainer.model,
+        )
         self.events = Events(trainer, self.callbacks)
         self.last_logs = None  # the last step's logs of the pass running (train and test)
 
     # -- fit --------------------------------------------------------------------------------------------------
-    def fit(self, train: Batches, val: Batches | None, *, epochs: int, initial_epoch: int, steps_per_epoch,
-            validation_steps, validation_freq) -> keras.callbacks.History:
+    def fit(
+        self,
+        train: Batches,
+        val: Batches | None,
+        *,
+        epochs: int,
+        initial_epoch: int,
+        steps_per_epoch,
+        validation_steps,
+        validation_freq,
+    ) -> keras.callbacks.History:
         trainer, events = self.trainer, self.events
         data = EpochIterator(train, steps_per_epoch, trainer.strategy)
         trainer.watch_nonfinite(trainer.policies.watches_nonfinite)
@@ -236,8 +204,11 @@ class Loop:
         trainer, pieces = self.trainer, []
 
         def keep(outputs):
-            pieces.append(tree.map_structure(
-                lambda t: t if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) else t.numpy(), outputs))
+            pieces.append(
+                tree.map_structure(
+                    lambda t: t if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) else t.numpy(), outputs
+                )
+            )
 
         trainer.model.stop_predicting = False
         self.callbacks.on_predict_begin()
@@ -258,8 +229,10 @@ class Loop:
             return ChunkSizer(1)
         agree = None
         if distributed.is_multi_worker(trainer.strategy):  # every worker must run the same chunks
+
             def agree(size: int) -> int:
-                return distributed.min_across_workers(trainer.strategy, size)
+                return int(distributed.min_across_workers(trainer.strategy, size))
+
         return ChunkSizer(trainer.steps_per_execution, agree=agree)
 
     def run_pass(self, kind: str, data: EpochIterator, chunks: ChunkSizer, on_output: Callable | None = None):
@@ -278,8 +251,7 @@ class Loop:
         if remaining == 0:
             raise StopPass
         counting = kind == "train" and trainer.model.optimizer is not None
-        boundary = trainer.policies.steps_to_next_batch_hook(trainer.progress.global_step) if kind == "train" \
-            else None
+        boundary = trainer.policies.steps_to_next_batch_hook(trainer.progress.global_step) if kind == "train" else None
         step = trainer.steps[kind]
         n = chunks.next(remaining, boundary)
         n = min(n, step.chunk_limit(data.element_spec, remaining is not None) or n)
@@ -290,11 +262,12 @@ class Loop:
         try:
             ran, outputs = step.run(data.iterator, n, data.element_spec, exact=remaining is not None)
         except tf.errors.ResourceExhaustedError as error:
-            if not (counting and trainer.oom_recovery):
+            if before is None or not trainer.oom_recovery:
                 raise
             # The data is advanced past the completed steps and the retried batch by the recovery itself.
-            ran, outputs = microbatch.recover_from_oom(trainer, data, ran_before_failure=(
-                _iterations(trainer.model) - before), error=error)
+            ran, outputs = microbatch.recover_from_oom(
+                trainer, data, ran_before_failure=(_iterations(trainer.model) - before), error=error
+            )
             n = ran
             nonfinite = step.watch_nonfinite and not _all_finite(outputs)
         except _STEP_FAILURES as error:
@@ -309,7 +282,8 @@ class Loop:
         if ran:
             last = first + ran - 1
             if kind == "predict":
-                on_output(outputs)
+                if on_output is not None:
+                    on_output(outputs)
                 events.chunk_end(kind, last, {"outputs": outputs})
             else:
                 logs = self.last_logs = outputs
@@ -322,8 +296,9 @@ class Loop:
         if ran < n or _stopped(trainer.model, kind):
             raise StopPass
 
-    def _step_error(self, kind: str, data: EpochIterator, iterations_before: int | None, n: int,
-                    error: Exception) -> Exception:
+    def _step_error(
+        self, kind: str, data: EpochIterator, iterations_before: int | None, n: int, error: Exception
+    ) -> Exception:
         """A step failed on its data: say where (epoch, batch) and why, keeping the original's class."""
         start = data.steps_done
         if iterations_before is not None:
@@ -357,8 +332,9 @@ def concat(parts: list):
             return np.concatenate(parts, axis=0)
         out = _compat.potentially_ragged_concat([tf.convert_to_tensor(p) for p in parts])
         return out.numpy() if hasattr(out, "numpy") and not isinstance(out, tf.RaggedTensor) else out
-    return _compat.potentially_ragged_concat([tf.convert_to_tensor(p) if isinstance(p, np.ndarray) else p
-                                              for p in parts])
+    return _compat.potentially_ragged_concat(
+        [tf.convert_to_tensor(p) if isinstance(p, np.ndarray) else p for p in parts]
+    )
 
 
 def _stopped(model, kind: str) -> bool:

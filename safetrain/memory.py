@@ -16,7 +16,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -76,7 +77,7 @@ class MemorySample:
     def as_logs(self) -> dict[str, float]:
         """The keys this sample adds to Keras epoch logs (`rss_mb`, and `device_mb`/`device_peak_mb` on GPU)."""
         logs = {"rss_mb": self.rss_mb}
-        if self.device_mb is not None:
+        if self.device_mb is not None and self.device_peak_mb is not None:
             logs["device_mb"] = self.device_mb
             logs["device_peak_mb"] = self.device_peak_mb
         return logs
@@ -177,8 +178,10 @@ class MemoryLog:
     def __repr__(self) -> str:
         if not self.samples:
             return "MemoryLog([])"
-        return (f"MemoryLog({len(self)} epochs, rss {self.samples[0].rss_mb:.1f} -> "
-                f"{self.samples[-1].rss_mb:.1f} MiB, slope {self.slope():.3f} MiB/epoch)")
+        return (
+            f"MemoryLog({len(self)} epochs, rss {self.samples[0].rss_mb:.1f} -> "
+            f"{self.samples[-1].rss_mb:.1f} MiB, slope {self.slope():.3f} MiB/epoch)"
+        )
 
 
 class MemoryMonitor(keras.callbacks.Callback):
@@ -193,8 +196,9 @@ class MemoryMonitor(keras.callbacks.Callback):
         >>> monitor.log.slope()
     """
 
-    def __init__(self, log: MemoryLog | None = None,
-                 trace_counts: Callable[[], Mapping[str, int]] | None = None) -> None:
+    def __init__(
+        self, log: MemoryLog | None = None, trace_counts: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
         super().__init__()
         self.log = log if log is not None else MemoryLog()
         self._trace_counts = trace_counts
@@ -206,7 +210,7 @@ class MemoryMonitor(keras.callbacks.Callback):
             logs.update(s.as_logs())
 
 
-_LIBC = None
+_LIBC: Any = None  # the C library (None: not looked up yet; False: no malloc_trim here)
 _TRIM_WARNED = False
 
 
@@ -222,8 +226,11 @@ def trim_malloc() -> bool:
     if not _LIBC:
         if not _TRIM_WARNED:
             _TRIM_WARNED = True
-            warnings.warn(f"TrimMalloc: malloc_trim is only available with glibc; it does nothing on "
-                          f"{sys.platform}.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"TrimMalloc: malloc_trim is only available with glibc; it does nothing on {sys.platform}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return False
     _LIBC.malloc_trim(0)
     return True

@@ -48,6 +48,7 @@ class Microbatches:
         model = trainer.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch = tf.shape(first_tensor(x))[0]
+        assert self._variable is not None, "set_size() first"
         size = tf.minimum(self._variable.read_value(), batch)
         count = (batch + size - 1) // size
         trainable = model.trainable_weights
@@ -57,7 +58,7 @@ class Microbatches:
             length = tf.minimum(size, batch - start)
 
             def cut(t):
-                return None if t is None else t[start:start + length]
+                return None if t is None else t[start : start + length]
 
             xs, ys, sws = (tree.map_structure(cut, v) if v is not None else None for v in (x, y, sample_weight))
             with tf.GradientTape() as tape:
@@ -70,8 +71,11 @@ class Microbatches:
         loss, grads, y_pred = piece(tf.constant(0))
         connected = [g is not None for g in grads]
         arrays = tree.map_structure(
-            lambda t: tf.TensorArray(t.dtype, size=count, infer_shape=False, element_shape=[None] + t.shape[1:])
-            .write(0, t), y_pred)
+            lambda t: tf.TensorArray(t.dtype, size=count, infer_shape=False, element_shape=[None] + t.shape[1:]).write(
+                0, t
+            ),
+            y_pred,
+        )
 
         def body(i, loss, grads, arrays):
             share, g, y_pred = piece(i)
@@ -80,7 +84,8 @@ class Microbatches:
             return i + 1, loss + share, grads, arrays
 
         _, loss, summed, arrays = tf.while_loop(
-            lambda i, *_: i < count, body, (tf.constant(1), loss, [g for g in grads if g is not None], arrays))
+            lambda i, *_: i < count, body, (tf.constant(1), loss, [g for g in grads if g is not None], arrays)
+        )
         summed = list(summed)
         y_pred = tree.map_structure(lambda a, t: tf.ensure_shape(a.concat(), [None] + t.shape[1:]), arrays, y_pred)
         with tf.control_dependencies(summed + [loss]):  # as in train_step: no state changes before this
@@ -95,8 +100,10 @@ def recover_from_oom(trainer, data, ran_before_failure: int, error: BaseExceptio
     microbatches, keep the size that fits. Advances `data` (an `EpochIterator`) past what ran; returns
     `(steps, outputs)` as a chunk would."""
     if trainer.has_custom("train_step") and trainer.progress.microbatch_size is None:
-        raise OutOfMemory("A training step ran out of memory, and it cannot be split into microbatches "
-                          "because the model or trainer overrides train_step; use a smaller batch_size.") from error
+        raise OutOfMemory(
+            "A training step ran out of memory, and it cannot be split into microbatches "
+            "because the model or trainer overrides train_step; use a smaller batch_size."
+        ) from error
     completed = ran_before_failure
     data.advance(completed, completed)
     data.reposition()  # the failed batch is next again
@@ -108,18 +115,31 @@ def recover_from_oom(trainer, data, ran_before_failure: int, error: BaseExceptio
     new = min(old, size) // 2
     while True:
         if new < 1:
-            raise OutOfMemory(f"Out of memory at epoch index {epoch}, batch {step}, even with microbatches "
-                              f"of 1 sample (batch of {size}); the model does not fit.") from error
+            raise OutOfMemory(
+                f"Out of memory at epoch index {epoch}, batch {step}, even with microbatches "
+                f"of 1 sample (batch of {size}); the model does not fit."
+            ) from error
         trainer.set_microbatch_size(new)
         try:
             outputs = trainer.steps["train"].run_step(batch, data.element_spec)
             break
         except tf.errors.ResourceExhaustedError:
             new //= 2
-    trainer.oom_events.append({"epoch": epoch, "step": step, "global_step": trainer.progress.global_step + completed + 1,
-                               "batch_size": size, "old_microbatch_size": old, "new_microbatch_size": new})
-    warnings.warn(f"Out of memory at epoch index {epoch}, batch {step} (a batch of {size}): retried in "
-                  f"microbatches of {new} (was {old}); keeping that size for the rest of the run.",
-                  OutOfMemoryWarning, stacklevel=4)
+    trainer.oom_events.append(
+        {
+            "epoch": epoch,
+            "step": step,
+            "global_step": trainer.progress.global_step + completed + 1,
+            "batch_size": size,
+            "old_microbatch_size": old,
+            "new_microbatch_size": new,
+        }
+    )
+    warnings.warn(
+        f"Out of memory at epoch index {epoch}, batch {step} (a batch of {size}): retried in "
+        f"microbatches of {new} (was {old}); keeping that size for the rest of the run.",
+        OutOfMemoryWarning,
+        stacklevel=4,
+    )
     data.advance(1, 1)
     return completed + 1, outputs

@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["plot_timeline", "plot_memory_log", "plot_side_by_side", "require_matplotlib"]
 
@@ -29,8 +29,9 @@ def require_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError('Plotting needs matplotlib: pip install "safetrain[plot]" (or pip install matplotlib).') \
-            from None
+        raise ImportError(
+            'Plotting needs matplotlib: pip install "safetrain[plot]" (or pip install matplotlib).'
+        ) from None
 
     def figure(**kwargs) -> Figure:
         fig = Figure(**kwargs)
@@ -52,8 +53,11 @@ def plot_timeline(report: Mapping, path: str) -> str:
         ("epoch", lambda e: True, dict(marker="o", s=14, color="#1f77b4", label="epoch end")),
         ("model", lambda e: True, dict(marker="^", s=40, color="#d62728", label="model built")),
         ("predict", lambda e: True, dict(marker="|", s=60, color="#9467bd", label="predict call")),
-        ("trace", lambda e: e["function"] in retraced,
-         dict(marker="x", s=30, color="#ff7f0e", label="retrace of " + ", ".join(sorted(retraced))[:60])),
+        (
+            "trace",
+            lambda e: e["function"] in retraced,
+            dict(marker="x", s=30, color="#ff7f0e", label="retrace of " + ", ".join(sorted(retraced))[:60]),
+        ),
     ]
     for kind, keep, style in styles:
         chosen = [e for e in events if e["kind"] == kind and keep(e)]
@@ -106,8 +110,14 @@ def plot_memory_log(log, path: str, title: str | None = None) -> str:
     return path
 
 
-def plot_side_by_side(panels: Sequence[tuple[str, Sequence[float], Sequence[float]]], path: str, *,
-                      xlabel: str, ylabel: str = "resident memory (MiB)", suptitle: str | None = None) -> str:
+def plot_side_by_side(
+    panels: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    path: str,
+    *,
+    xlabel: str,
+    ylabel: str = "resident memory (MiB)",
+    suptitle: str | None = None,
+) -> str:
     """Several runs in panels with a shared y axis: `panels` = [(title, xs, ys), ...]."""
     figure = require_matplotlib()
     fig = figure(figsize=(5 * len(panels), 4), dpi=110)

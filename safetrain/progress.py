@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -80,8 +80,16 @@ class ProgressBar(keras.callbacks.Callback):
         self._t0 = time.perf_counter()
         self._last_draw = 0.0
         if self.verbose == 1:
-            self._bar = tqdm(total=total, desc=desc, unit="step", file=self.file, leave=True,
-                             dynamic_ncols=True, mininterval=self.min_interval, smoothing=0.3)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="step",
+                file=self.file,
+                leave=True,
+                dynamic_ncols=True,
+                mininterval=self.min_interval,
+                smoothing=0.3,
+            )
 
     def close(self) -> None:
         """Close the bar now (the loop calls this after a run, also after an error)."""

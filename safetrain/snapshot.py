@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -53,20 +54,23 @@ def check_rebuildable(trainer) -> None:
         objects = dict(_class_objects(model), **(trainer.custom_objects or {}))
         with keras.saving.custom_object_scope(objects):
             probe = keras.saving.deserialize_keras_object(
-                {k: v for k, v in config.items() if k not in ("compile_config", "build_config")})
+                {k: v for k, v in config.items() if k not in ("compile_config", "build_config")}
+            )
     except Exception as e:  # noqa: BLE001 - any failure means "cannot round-trip"; say so with the cause
         cause = " ".join(line.strip() for line in str(e).strip().splitlines()[:4] if line.strip())
         raise ConfigurationError(
             f"Re-hydration cannot rebuild {type(model).__name__} from its config ({type(e).__name__}: {cause}). "
             "Give SafeTrainer a factory instead, e.g. SafeTrainer(lambda: build_model()), or implement "
-            "get_config()/from_config() on the model (the full cause is chained below).") from e
+            "get_config()/from_config() on the model (the full cause is chained below)."
+        ) from e
     del probe
 
 
 def _stateful(obj) -> bool:
     """Keras objects that hold variables or state: never to be shared with a model of a cleared session."""
-    return isinstance(obj, (keras.optimizers.Optimizer, keras.metrics.Metric, keras.losses.Loss,
-                            keras.layers.Layer)) or hasattr(obj, "get_config")
+    return isinstance(
+        obj, (keras.optimizers.Optimizer, keras.metrics.Metric, keras.losses.Loss, keras.layers.Layer)
+    ) or hasattr(obj, "get_config")
 
 
 def _recipe(obj, what: str) -> Callable[[], Any]:
@@ -105,8 +109,8 @@ def _recipe(obj, what: str) -> Callable[[], Any]:
     raise ConfigurationError(
         f"Re-hydration cannot re-create the compile argument `{what}` ({type(obj).__name__}) from its config"
         f"{cause}; sharing it with the rebuilt model would carry the cleared session's state over. Give it "
-        "a working get_config()/from_config(), or pass SafeTrainer a factory that compiles the model.") \
-        from (errors[0] if errors else None)
+        "a working get_config()/from_config(), or pass SafeTrainer a factory that compiles the model."
+    ) from (errors[0] if errors else None)
 
 
 def recipes(model: keras.Model) -> dict[str, Callable[[], Any]]:
@@ -125,13 +129,17 @@ def signature(model: keras.Model) -> dict[str, list]:
     Names are left out on purpose: Keras uniquifies them per process (`dense_3/kernel`), so the same
     architecture built in a fresh process has other names but the same signature.
     """
+
     def describe(variables):
         return [[list(v.shape), str(v.dtype)] for v in variables]
+
     optimizer = model.optimizer if getattr(model, "compiled", False) else None
-    return {"layers": [type(layer).__name__ for layer in hooks.layers_of(model)],
-            "model": describe(model.variables),
-            "optimizer": describe(optimizer.variables) if optimizer is not None and optimizer.built else [],
-            "metrics": describe(model.metrics_variables)}
+    return {
+        "layers": [type(layer).__name__ for layer in hooks.layers_of(model)],
+        "model": describe(model.variables),
+        "optimizer": describe(optimizer.variables) if optimizer is not None and optimizer.built else [],
+        "metrics": describe(model.metrics_variables),
+    }
 
 
 def _values(variables) -> list[np.ndarray]:
@@ -141,12 +149,16 @@ def _values(variables) -> list[np.ndarray]:
 
 def _assign(what: str, variables, values: list[np.ndarray]) -> None:
     if len(variables) != len(values):
-        raise SnapshotMismatch(f"{what}: the rebuilt model has {len(variables)} variables, the snapshot "
-                               f"{len(values)}; was the model or its compile configuration changed?")
+        raise SnapshotMismatch(
+            f"{what}: the rebuilt model has {len(variables)} variables, the snapshot "
+            f"{len(values)}; was the model or its compile configuration changed?"
+        )
     for i, (var, value) in enumerate(zip(variables, values)):
         if tuple(var.shape) != value.shape:
-            raise SnapshotMismatch(f"{what}[{i}] ({getattr(var, 'path', var.name)}): shape {tuple(var.shape)} in "
-                                   f"the rebuilt model, {value.shape} in the snapshot.")
+            raise SnapshotMismatch(
+                f"{what}[{i}] ({getattr(var, 'path', var.name)}): shape {tuple(var.shape)} in "
+                f"the rebuilt model, {value.shape} in the snapshot."
+            )
         var.assign(value)
 
 
@@ -166,7 +178,7 @@ class Snapshot:
     custom_objects: dict[str, Any]
 
     @classmethod
-    def take(cls, trainer, structure: bool = True) -> "Snapshot":
+    def take(cls, trainer, structure: bool = True) -> Snapshot:
         """Capture the trainer's model, optimizer, metrics, RNG state and counters (copies, not references).
 
         `structure=False` captures values only (what a checkpoint needs: the process that loads it builds
@@ -242,21 +254,35 @@ class Snapshot:
     def arrays(self) -> dict[str, np.ndarray]:
         """Every captured value, named `model/0000`, `optimizer/0000`, `metrics/0000`, `seed/global`."""
         out = {}
-        for group, values in (("model", self.model_values), ("optimizer", self.optimizer_values),
-                              ("metrics", self.metric_values)):
+        for group, values in (
+            ("model", self.model_values),
+            ("optimizer", self.optimizer_values),
+            ("metrics", self.metric_values),
+        ):
             out.update({f"{group}/{i:04d}": v for i, v in enumerate(values)})
         if self.global_seed is not None:
             out["seed/global"] = self.global_seed
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], counters: dict[str, Any]) -> "Snapshot":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], counters: dict[str, Any]) -> Snapshot:
         """The values of a checkpoint, to `restore_values` into a model built by the same code."""
+
         def group(name):
             return [arrays[k] for k in sorted(k for k in arrays if k.startswith(name + "/"))]
-        return cls(structure=None, factory=None, compile_args={}, element_spec=None,
-                   model_values=group("model"), optimizer_values=group("optimizer"), metric_values=group("metrics"),
-                   global_seed=arrays.get("seed/global"), counters=counters, custom_objects={})
+
+        return cls(
+            structure=None,
+            factory=None,
+            compile_args={},
+            element_spec=None,
+            model_values=group("model"),
+            optimizer_values=group("optimizer"),
+            metric_values=group("metrics"),
+            global_seed=arrays.get("seed/global"),
+            counters=counters,
+            custom_objects={},
+        )
 
     @property
     def nbytes(self) -> int:

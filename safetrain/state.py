@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["TrainingProgress", "DataPosition"]
 
@@ -31,7 +32,7 @@ class DataPosition:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "DataPosition":
+    def from_state_dict(cls, state: Mapping[str, Any]) -> DataPosition:
         return cls(int(state["pass_epoch"]), int(state["pass_batches"]), int(state["epoch_steps"]))
 
 
@@ -58,14 +59,18 @@ class TrainingProgress:
     def counters(self) -> dict[str, Any]:
         """The counters without the data position: what a re-hydration snapshot restores (the data
         iterator itself carries on)."""
-        return {"epoch": self.epoch, "global_step": self.global_step, "data_seed": self.data_seed,
-                "microbatch_size": self.microbatch_size}
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "data_seed": self.data_seed,
+            "microbatch_size": self.microbatch_size,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-able copy (what a checkpoint stores)."""
         return dict(self.counters(), position=None if self.position is None else self.position.state_dict())
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> "TrainingProgress":
+    def load_state_dict(self, state: Mapping[str, Any]) -> TrainingProgress:
         """Take the values of `state_dict()` output; keys it lacks keep their current value. Returns self."""
         for key in ("epoch", "global_step", "data_seed", "microbatch_size"):
             if key in state:
@@ -75,6 +80,5 @@ class TrainingProgress:
             self.position = None if position is None else DataPosition.from_state_dict(position)
         return self
 
-    def copy(self) -> "TrainingProgress":
-        return dataclasses.replace(self, position=None if self.position is None else
-                                   dataclasses.replace(self.position))
+    def copy(self) -> TrainingProgress:
+        return dataclasses.replace(self, position=None if self.position is None else dataclasses.replace(self.position))

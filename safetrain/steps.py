@@ -19,16 +19,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from collections.abc import Callable
 
 import tensorflow as tf
 from keras import tree
 
 from safetrain import _compat, distributed
+from safetrain.checks import finite_guard
 from safetrain.data import relax_spec
 from safetrain.graph_loops import function, make_distributed_loop, make_loop, make_predict_loop
 
-__all__ = ["Steps", "CompiledStep", "ChunkSizer", "KINDS", "TraceEvent"]
+__all__ = ["Steps", "CompiledStep", "KINDS", "TraceEvent"]
 
 KINDS = ("train", "test", "predict")
 
@@ -46,6 +48,7 @@ class TraceEvent:
 
 
 # -- specs ------------------------------------------------------------------------------------------------
+
 
 def _drop_optionals(data):
     # tf.data carries Python `None` entries (e.g. a missing sample weight) as empty Optionals.
@@ -82,8 +85,10 @@ def _supertype(a, b):
 
 def is_distributed(spec) -> bool:
     """True for the element spec of a distributed iterator (per-replica values)."""
-    return not all(isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
-                   for s in tf.nest.flatten(spec))
+    return not all(
+        isinstance(s, (tf.TensorSpec, tf.RaggedTensorSpec, tf.SparseTensorSpec, tf.OptionalSpec))
+        for s in tf.nest.flatten(spec)
+    )
 
 
 def _reduce_per_replica(outputs, strategy, reduction: str):
@@ -100,6 +105,7 @@ def _reduce_per_replica(outputs, strategy, reduction: str):
 
 # -- one kind's compiled step -----------------------------------------------------------------------------
 
+
 class CompiledStep:
     """The compiled step of one kind: its spec, `tf.function`, trace counts, chunked loop and fast path.
 
@@ -113,30 +119,36 @@ class CompiledStep:
         on_trace: called with a `TraceEvent` on every trace.
     """
 
-    def __init__(self, kind: str, method: Callable[[], Callable], strategy: tf.distribute.Strategy,
-                 jit_compile: bool = False, check_inputs: bool = False,
-                 on_trace: Callable[[TraceEvent], None] = lambda event: None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        method: Callable[[], Callable],
+        strategy: tf.distribute.Strategy,
+        jit_compile: bool = False,
+        check_inputs: bool = False,
+        on_trace: Callable[[TraceEvent], None] = lambda event: None,
+    ) -> None:
         self.kind = kind
         self.method = method
         self.strategy = strategy
         self.jit_compile = jit_compile
         self.check_inputs = check_inputs
         self.on_trace = on_trace
-        self.total_traces = 0           # over the object's life; `traces` restarts with `reset()`
+        self.total_traces = 0  # over the object's life; `traces` restarts with `reset()`
         self.released_gradient_entries = 0
         self.watch_nonfinite = False
         self.reset()
 
     def reset(self) -> None:
         """Forget the compiled function, its loop and fast path (the next call traces again, counted afresh)."""
-        self.spec = None                 # the spec the function was compiled for
+        self.spec = None  # the spec the function was compiled for
         self.function = None
         self.traces = 0
         self.loop_traces = 0
         self.signatures: list = []
-        self._last_spec = None           # the last spec object accepted: O(1) acceptance for the next call
+        self._last_spec = None  # the last spec object accepted: O(1) acceptance for the next call
         self._loop = None
-        self._fast = None                # (spec object, concrete loop function)
+        self._fast: tuple | None = None  # (spec object, concrete loop function)
 
     def set_watch_nonfinite(self, watch: bool) -> None:
         """Stop training chunks right after a step with a NaN/Inf loss (the check is part of the loop)."""
@@ -178,7 +190,6 @@ class CompiledStep:
             registry = _compat.gradient_registry()
             before = set(registry) if registry is not None else None
             if check_inputs:
-                from safetrain.checks import finite_guard
                 data = finite_guard(data)
             try:
                 outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
@@ -188,8 +199,9 @@ class CompiledStep:
 
         one_step.__name__ = f"safetrain_{self.kind}_step"
         if not is_distributed(spec):
-            return function(one_step, input_signature=[spec], jit_compile=self.jit_compile, autograph=False,
-                             reduce_retracing=False)
+            return function(
+                one_step, input_signature=[spec], jit_compile=self.jit_compile, autograph=False, reduce_retracing=False
+            )
         # Distributed values (one tensor per replica) have no relaxable input signature; relax on retrace.
         return function(one_step, jit_compile=self.jit_compile, autograph=False, reduce_retracing=True)
 
@@ -206,15 +218,16 @@ class CompiledStep:
 
     def _loopfunction(self):
         if self._loop is None:
+
             def counted():
                 self.loop_traces += 1
+
             if is_distributed(self.spec):
                 self._loop = make_distributed_loop(self.function, counted)
             elif self.kind == "predict":
                 self._loop = make_predict_loop(self.function, self.spec, counted)
             else:
-                self._loop = make_loop(self.function, self.spec, self.kind == "train" and self.watch_nonfinite,
-                                       counted)
+                self._loop = make_loop(self.function, self.spec, self.kind == "train" and self.watch_nonfinite, counted)
             self._fast = None
         return self._loop
 
@@ -289,13 +302,22 @@ class Steps:
         >>> trainer.steps.listeners.append(print)     # told of every trace (a TraceEvent)
     """
 
-    def __init__(self, method_for: Callable[[str], Callable], strategy: tf.distribute.Strategy | None = None,
-                 jit_compile: bool = False, check_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        method_for: Callable[[str], Callable],
+        strategy: tf.distribute.Strategy | None = None,
+        jit_compile: bool = False,
+        check_inputs: bool = False,
+    ) -> None:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.jit_compile = bool(jit_compile)
         self.listeners: list[Callable[[TraceEvent], None]] = []
-        self.kinds = {kind: CompiledStep(kind, lambda kind=kind: method_for(kind), self.strategy, self.jit_compile,
-                                         check_inputs, self._on_trace) for kind in KINDS}
+        self.kinds = {
+            kind: CompiledStep(
+                kind, functools.partial(method_for, kind), self.strategy, self.jit_compile, check_inputs, self._on_trace
+            )
+            for kind in KINDS
+        }
 
     def __getitem__(self, kind: str) -> CompiledStep:
         return self.kinds[kind]
@@ -333,48 +355,3 @@ class Steps:
     def run(self, kind: str, iterator, n: int, spec=None, exact: bool = False):
         """`self[kind].run(...)`: up to `n` steps of `kind`; returns `(steps_run, outputs)`."""
         return self.kinds[kind].run(iterator, n, spec, exact)
-
-
-class ChunkSizer:
-    """How many steps to run per call: a fixed `steps_per_execution`, or "auto".
-
-    "auto" starts small and grows the chunk until one call takes about `target_seconds`, so that Python
-    overhead is paid once per chunk while the progress bar still moves a few times a second. Per-call
-    timing never changes the numbers: the same steps run in the same order either way.
-    """
-
-    def __init__(self, steps_per_execution: int | str = "auto", target_seconds: float = 0.25,
-                 start: int = 8, max_steps: int = 4096, agree: Callable[[int], int] | None = None) -> None:
-        # `agree`: how the workers of a multi-worker run settle on one size (each measures its own speed,
-        # but all must run the same number of steps per call); called at the same calls on every worker.
-        self.agree = agree
-        self.auto = steps_per_execution == "auto"
-        self.size = start if self.auto else int(steps_per_execution)
-        self.target_seconds = target_seconds
-        self.max_steps = max_steps
-        self._calls = 0
-        self._rate: float | None = None
-
-    def next(self, remaining: int | None, boundary: int | None = None) -> int:
-        """Steps for the next call, at most `remaining` and at most `boundary` (steps to the next hook)."""
-        n = self.size
-        for cap in (remaining, boundary):
-            if cap is not None:
-                n = min(n, cap)
-        return max(1, n)
-
-    def observe(self, steps_run: int, requested: int, seconds: float) -> None:
-        """Learn from a call; the first call (which traces) is not timed."""
-        self._calls += 1
-        if not self.auto or self._calls == 1 or steps_run < requested or steps_run == 0:
-            return
-        if seconds > 0:
-            rate = steps_run / seconds
-            self._rate = rate if self._rate is None else 0.5 * self._rate + 0.5 * rate
-            want = self._rate * self.target_seconds
-            size = 1
-            while size * 2 <= want and size * 2 <= self.max_steps:
-                size *= 2
-            self.size = size
-        if self.agree is not None:
-            self.size = max(1, int(self.agree(self.size)))

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -26,6 +27,11 @@ from keras import tree
 from safetrain import _compat
 from safetrain.errors import ConfigurationError
 from safetrain.microbatch import first_tensor
+
+if TYPE_CHECKING:
+    from safetrain.microbatch import Microbatches
+    from safetrain.state import TrainingProgress
+    from safetrain.steps import Steps
 
 __all__ = ["StepSurface"]
 
@@ -37,20 +43,46 @@ class StepSurface:
     """
 
     model: keras.Model
+    progress: TrainingProgress
+    microbatches: Microbatches
+    steps: Steps
+    strategy: Any
 
     def has_custom(self, name: str) -> bool:
         """Whether the trainer's subclass or the model overrides step method `name` (e.g. "train_step")."""
-        return getattr(type(self), name) is not getattr(StepSurface, name) or \
-            getattr(type(self.model), name) is not getattr(_compat.TensorFlowTrainer, name)
+        return getattr(type(self), name) is not getattr(StepSurface, name) or getattr(
+            type(self.model), name
+        ) is not getattr(_compat.TensorFlowTrainer, name)
 
+    def require_compiled(self, what: str) -> None:
+        """Raise `ConfigurationError` before any step when `what` ("fit", "evaluate") lacks an optimizer or a
+        loss (a custom `train_step`/`test_step`/`compute_loss` needs no compiled loss)."""
+        model = self.model
+        missing = []
+        if what == "fit" and (not model.compiled or model.optimizer is None):
+            missing.append("an optimizer (`optimizer=`)")
+        if (
+            what in ("fit", "evaluate")
+            and not self.has_custom("train_step" if what == "fit" else "test_step")
+            and not self.has_custom("compute_loss")
+            and _compat.compiled_loss(model) is None
+        ):
+            missing.append("a loss (`loss=`)")
+        if missing:
+            raise ConfigurationError(
+                f"SafeTrainer.{what}() needs {' and '.join(missing)}: compile the model "
+                f"or pass them to SafeTrainer(model, ...)."
+            )
 
     def step_method(self, kind: str) -> Callable:
         """The Python step to compile for `kind`: the trainer's override, else the model's, else ours."""
         name = f"{kind}_step"
         if kind == "train" and self.progress.microbatch_size is not None:
             if self.has_custom("train_step"):
-                raise ConfigurationError("microbatching (microbatch_size=, or recovery from running out of memory) "
-                                         "needs SafeTrainer's own train_step; this model or trainer overrides it.")
+                raise ConfigurationError(
+                    "microbatching (microbatch_size=, or recovery from running out of memory) "
+                    "needs SafeTrainer's own train_step; this model or trainer overrides it."
+                )
             return functools.partial(self.microbatches.train_step, self)
         if getattr(type(self), name) is not getattr(StepSurface, name):
             return getattr(self, name)
@@ -74,9 +106,9 @@ class StepSurface:
             elif not model.built:
                 x, _, _ = keras.utils.unpack_x_y_sample_weight(spec)
                 symbolic = tree.map_structure(
-                    lambda s: None if s is None else keras.KerasTensor(s.shape, s.dtype.name), x)
+                    lambda s: None if s is None else keras.KerasTensor(s.shape, s.dtype.name), x
+                )
                 _compat.compute_output_spec(model, symbolic)
-
 
     # -- Keras-compatible surface for custom steps (code written for a Model moves over unchanged) ----
     def __call__(self, *args, **kwargs):
@@ -138,8 +170,9 @@ class StepSurface:
         """Add a batch's loss to the loss shown in logs, weighted by the batch size (as Keras does)."""
         tracker = _compat.loss_tracker(self.model)
         if tracker is not None:
-            tracker.update_state(_compat.unscale_loss_for_distribution(loss),
-                                 sample_weight=tf.shape(first_tensor(x))[0])
+            tracker.update_state(
+                _compat.unscale_loss_for_distribution(loss), sample_weight=tf.shape(first_tensor(x))[0]
+            )
 
     def forward(self, x, training: bool):
         """The model's outputs on `x`, passing `training` where its `call` takes it."""
@@ -164,7 +197,7 @@ class StepSurface:
             if trainable:
                 model.optimizer.apply_gradients(zip(gradients, trainable))
             else:
-                warnings.warn("The model does not have any trainable weights.")
+                warnings.warn("The model does not have any trainable weights.", stacklevel=2)
             self.track_loss(loss, x)
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

@@ -13,22 +13,22 @@ from __future__ import annotations
 import gc
 import random
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
 from keras import tree
 from keras.callbacks import CallbackList
 
-from safetrain import _compat, checkpoint, distributed, hooks, isolation, memory, snapshot
+from safetrain import _compat, distributed, memory
 from safetrain import data as data_module
-from safetrain.checks import check_against_model, check_finite_arrays, check_int, check_sparse_labels
-from safetrain.checks import reject_unknown, resolve_verbose
+from safetrain.actions import TrainerActions
+from safetrain.checks import check_data, check_fit_arguments, check_int, reject_unknown, resolve_verbose
 from safetrain.errors import ConfigurationError
 from safetrain.loop import Loop, concat
 from safetrain.microbatch import Microbatches
-from safetrain.policies import Checkpoint, Policy, PolicyList
-from safetrain.snapshot import Snapshot
+from safetrain.policies import Policy, PolicyList
 from safetrain.state import TrainingProgress
 from safetrain.steps import Steps
 from safetrain.surface import StepSurface
@@ -56,7 +56,22 @@ def _release_previous_models() -> None:
     _compat.clear_kernel_cache()
 
 
-class SafeTrainer(StepSurface):
+def _compile_with_overrides(model: keras.Model, strategy, optimizer, loss, metrics) -> None:
+    """Compile the model with the trainer's `optimizer`/`loss`/`metrics` merged over its own compile arguments."""
+    previous = _compat.compile_config(model)
+    optimizer = optimizer if optimizer is not None else (model.optimizer if model.compiled else None)
+    if optimizer is None:
+        raise ConfigurationError(
+            "SafeTrainer needs an optimizer: the model was not compiled with one and no `optimizer=` was given."
+        )
+    kwargs = {k: previous[k] for k in ("loss_weights", "weighted_metrics") if previous.get(k) is not None}
+    loss = loss if loss is not None else previous.get("loss")
+    metrics = metrics if metrics is not None else previous.get("metrics")
+    with strategy.scope():
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False, **kwargs)
+
+
+class SafeTrainer(StepSurface, TrainerActions):
     """Train a Keras model with one compiled step per kind, memory telemetry and policies.
 
     Args:
@@ -90,12 +105,23 @@ class SafeTrainer(StepSurface):
         >>> trainer.trace_counts               # {'train': 1, 'test': 1, 'predict': 0}
     """
 
-    def __init__(self, model: keras.Model | Callable[[], keras.Model], *, optimizer=None, loss=None,
-                 metrics=None, policies: Sequence[Policy] = (), strategy: tf.distribute.Strategy | None = None,
-                 steps_per_execution: int | str = "auto", jit_compile: bool = False,
-                 memory_logs: bool = True, custom_objects: Mapping[str, Any] | None = None,
-                 microbatch_size: int | None = None, oom_recovery: bool = True,
-                 check_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        model: keras.Model | Callable[[], keras.Model],
+        *,
+        optimizer=None,
+        loss=None,
+        metrics=None,
+        policies: Sequence[Policy] = (),
+        strategy: tf.distribute.Strategy | None = None,
+        steps_per_execution: int | str = "auto",
+        jit_compile: bool = False,
+        memory_logs: bool = True,
+        custom_objects: Mapping[str, Any] | None = None,
+        microbatch_size: int | None = None,
+        oom_recovery: bool = True,
+        check_inputs: bool = False,
+    ) -> None:
         if steps_per_execution != "auto":
             check_int("steps_per_execution", steps_per_execution, 1)
         check_int("microbatch_size", microbatch_size, 1, allow_none=True)
@@ -112,8 +138,9 @@ class SafeTrainer(StepSurface):
             self.factory = model
             built = self._call_factory(strategy)
         else:
-            raise TypeError("`model` must be a keras.Model or a zero-argument callable returning one, "
-                            f"got {type(model).__name__}.")
+            raise TypeError(
+                f"`model` must be a keras.Model or a zero-argument callable returning one, got {type(model).__name__}."
+            )
         self.model: keras.Model = built
         if isinstance(model, keras.Model) and strategy is not None:
             distributed.check_model_strategy(model, strategy)
@@ -121,12 +148,15 @@ class SafeTrainer(StepSurface):
         self.steps_per_execution = steps_per_execution
         self.jit_compile = jit_compile
         self.memory_logs = bool(memory_logs)
-        self._overrides = {"optimizer": optimizer, "loss": loss, "metrics": metrics}
-        self._configure()
+        if optimizer is not None or loss is not None or metrics is not None:
+            _compile_with_overrides(built, self.strategy, optimizer, loss, metrics)
         if getattr(built, "run_eagerly", False):
-            warnings.warn("The model was compiled with run_eagerly=True; SafeTrainer always compiles its steps "
-                          "(one trace each), so run_eagerly is ignored; to step through eagerly, use model.fit.",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "The model was compiled with run_eagerly=True; SafeTrainer always compiles its steps "
+                "(one trace each), so run_eagerly is ignored; to step through eagerly, use model.fit.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.custom_objects = dict(custom_objects or {})
         self.memory = memory.MemoryLog()
         self.oom_recovery = bool(oom_recovery)
@@ -142,193 +172,65 @@ class SafeTrainer(StepSurface):
         self.last_rehydration_seconds: float | None = None
         self.oom_events: list[dict] = []
         self.microbatches = Microbatches()
-        self._train_batches: data_module.Batches | None = None
-        self._resume: dict | None = None
-        self._rebuildable_checked = False
+        #: The training data of the last `fit` (re-hydration and resume set its shuffle seed).
+        self.train_batches: data_module.Batches | None = None
         if microbatch_size is not None:
             self.set_microbatch_size(int(microbatch_size))
 
     # -- model and compile configuration -------------------------------------------------------------
     def _call_factory(self, strategy=None) -> keras.Model:
+        factory = self.factory
+        assert factory is not None
         if strategy is not None:
             with strategy.scope():
-                built = self.factory()
+                built = factory()
         else:
-            built = self.factory()
+            built = factory()
         if not isinstance(built, keras.Model):
-            raise TypeError(f"The model factory {getattr(self.factory, '__name__', self.factory)!r} must "
-                            f"return a keras.Model, but returned {type(built).__name__}.")
+            raise TypeError(
+                f"The model factory {getattr(self.factory, '__name__', self.factory)!r} must "
+                f"return a keras.Model, but returned {type(built).__name__}."
+            )
         return built
-
-    def _configure(self) -> None:
-        """Compile the model with the trainer's overrides merged over its own compile arguments."""
-        model = self.model
-        o = self._overrides
-        if all(v is None for v in o.values()):
-            return
-        previous = _compat.compile_config(model)
-        optimizer = o["optimizer"] if o["optimizer"] is not None else (
-            model.optimizer if model.compiled else None)
-        if optimizer is None:
-            raise ConfigurationError("SafeTrainer needs an optimizer: the model was not compiled with one "
-                                     "and no `optimizer=` was given.")
-        kwargs = {k: previous[k] for k in ("loss_weights", "weighted_metrics") if previous.get(k) is not None}
-        loss = o["loss"] if o["loss"] is not None else previous.get("loss")
-        metrics = o["metrics"] if o["metrics"] is not None else previous.get("metrics")
-        with self.strategy.scope():
-            model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False, **kwargs)
-
-    def _require_training_config(self, what: str) -> None:
-        model = self.model
-        missing = []
-        if not model.compiled or model.optimizer is None:
-            if what == "fit":
-                missing.append("an optimizer (`optimizer=`)")
-        if what in ("fit", "evaluate") and not self.has_custom("train_step" if what == "fit" else "test_step") \
-                and not self.has_custom("compute_loss") and _compat.compiled_loss(model) is None:
-            missing.append("a loss (`loss=`)")
-        if missing:
-            raise ConfigurationError(f"SafeTrainer.{what}() needs {' and '.join(missing)}: compile the model "
-                                     f"or pass them to SafeTrainer(model, ...).")
-
-    # -- actions policies call: policies decide when, these do the work ------------------------------------
-    def stop(self) -> None:
-        """End training cleanly after the current step (the epoch still ends: callbacks and History see it)."""
-        self.model.stop_training = True
-
-    def reset_states(self) -> int:
-        """Reset every stateful layer (stateful RNNs, layers with a `reset_state` hook); returns how many."""
-        return hooks.reset_states(self.model)
-
-    def release_memory(self) -> int:
-        """Ask every layer with a `release_memory` hook to drop its caches; returns how many were asked."""
-        return hooks.release_memory(self.model)
-
-    def watch_nonfinite(self, watch: bool = True) -> None:
-        """Check every training step's loss for NaN/Inf inside the compiled loop, so that training chunks
-        stop on the exact step and policies hear `on_nonfinite_loss`. `fit` turns it on for its run when a
-        policy sets `watches_nonfinite`."""
-        self.steps["train"].set_watch_nonfinite(watch)
-
-    def set_microbatch_size(self, size: int) -> None:
-        """Split training batches into microbatches of `size` samples from the next step on."""
-        check_int("size", size, 1)
-        if self.microbatches.set_size(size):
-            self.steps.reset("train")
-        self.progress.microbatch_size = int(size)
-
-    def load_progress(self, state: Mapping[str, Any]) -> None:
-        """Take counters from a snapshot or checkpoint (`TrainingProgress.state_dict()` keys), with their
-        effects: the microbatch size in use, the shuffle seed of the training data."""
-        size = state.get("microbatch_size")
-        self.progress.load_state_dict({k: v for k, v in state.items() if k != "position"})
-        if size and size != self.microbatches.size:
-            self.set_microbatch_size(int(size))
-        if self._train_batches is not None and self.progress.data_seed is not None:
-            self._train_batches.seed = self.progress.data_seed
-
-    def check_rehydratable(self) -> None:
-        """Raise `ConfigurationError` now (before training) if `rehydrate()` could not rebuild the model."""
-        if not self._rebuildable_checked:
-            snapshot.check_rebuildable(self)
-            self._rebuildable_checked = True
-
-    def rehydrate(self) -> Snapshot:
-        """Clear the Keras session without losing the run: snapshot, clear, rebuild, restore, recompile.
-
-        Every model, optimizer and metric variable, Keras's global seed state and the trainer's counters
-        come back, so training continues exactly as if nothing happened; callbacks are re-pointed to the
-        new model (EarlyStopping, ModelCheckpoint, ... keep their own state). Layers' `release_memory`
-        hooks run before the session is cleared and `after_rehydrate` hooks after the restore. If the
-        rebuild fails, the trainer keeps its old model (usable as before) and the error is raised.
-
-        Example:
-            >>> trainer.fit(x, y, epochs=3)
-            >>> trainer.rehydrate()     # trainer.model is a new object in exactly the same state
-            >>> trainer.fit(x, y, epochs=6, initial_epoch=3)
-        """
-        return snapshot.rehydrate(self)
-
-    def save_checkpoint(self, directory: str, keep: int = 2) -> str | None:
-        """Write the full training state to `directory` atomically (see `safetrain.checkpoint`); returns its
-        path, or None on workers other than the chief. Raises `OSError` if it could not be written."""
-        return checkpoint.save(self, directory, keep)
-
-    def load_checkpoint(self, directory: str) -> str | None:
-        """Load the newest valid checkpoint in `directory` into this trainer; the running (or next) `fit`
-        continues from its position. Returns its path, or None when there is none.
-
-        Raises `CheckpointMismatch` when it was written for another model, and `ConfigurationError` when the
-        workers of a multi-worker run see different checkpoints.
-        """
-        found = checkpoint.load_latest(self, directory)
-        if found is None:
-            return None
-        path, meta = found
-        self._resume = {"position": self.progress.position, "history": meta.get("history")}
-        return path
-
-    def take_resume(self) -> dict | None:
-        """The data position and History a loaded checkpoint asks the next `fit` to resume at (once)."""
-        resume, self._resume = self._resume, None
-        return resume
-
-    def restart(self) -> bool:
-        """Checkpoint (with this trainer's `Checkpoint` policy), flush the callbacks, and re-execute this
-        process's command line (`os.execv`): the new process resumes exactly. Returns False, without
-        restarting, when the checkpoint could not be written."""
-        policy = self.policies.find(Checkpoint)
-        if policy is None:
-            raise ConfigurationError("restart() needs a Checkpoint policy in the trainer: the restarted process "
-                                     "resumes from its checkpoint.")
-        if policy.save(self) is None:
-            return False
-        if self.callbacks is not None:  # TensorBoard writers, CSVLogger files, the progress bar: closed
-            self.callbacks.on_train_end(logs=None)
-        isolation.restart_process()
-        return True  # not reached
-
-    def sample_memory(self, epoch: int | None = None) -> memory.MemorySample:
-        """Read memory now; in a multi-worker run `rss_mb` is the largest over all workers (a collective:
-        every worker calls it at the same point, which the trainer and policies do).
-
-        Example:
-            >>> trainer.sample_memory().rss_mb
-            412.5
-        """
-        sample = memory.sample(epoch, self.trace_counts)
-        if distributed.is_multi_worker(self.strategy):
-            per_worker = distributed.per_worker_values(self.strategy, sample.rss_mb)
-            sample = memory.MemorySample(**{**sample.__dict__, "rss_mb": max(per_worker),
-                                            "worker_rss_mb": tuple(per_worker)})
-        return sample
 
     # -- fit, evaluate, predict: arguments checked here, the loop in loop.py ---------------------------
     def _batches(self, x, y, sample_weight, *, batch_size, shuffle, class_weight=None, steps=None, what):
         if self.progress.data_seed is None:
             # Drawn from Python's RNG, so `keras.utils.set_random_seed` makes the shuffle order reproducible.
             self.progress.data_seed = random.randrange(2**31)
-        return data_module.as_batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
-                                      class_weight=class_weight, steps=steps, seed=self.progress.data_seed,
-                                      what=what)
-
-    def _check_data(self, batches: data_module.Batches, x, y, sample_weight, what: str) -> None:
-        """Refuse, before any step, data that does not fit the model (see `safetrain.checks`)."""
-        x_spec, _, _ = keras.utils.unpack_x_y_sample_weight(batches.element_spec)
-        check_against_model(self.model, x_spec, what)
-        if batches.kind == "arrays":
-            check_sparse_labels(self.model, y, what)
-            if self.check_inputs:
-                check_finite_arrays({"x": x, "y": y, "sample_weight": sample_weight}, what,
-                                           batches.batch_size if not batches.shuffle else None)
+        return data_module.as_batches(
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            steps=steps,
+            seed=self.progress.data_seed,
+            what=what,
+        )
 
     @distributed.reports_worker_failures
-    def fit(self, x=None, y=None, batch_size: int | None = None, epochs: int = 1, verbose: int | str = "auto",
-            callbacks: Sequence[keras.callbacks.Callback] | None = None, validation_split: float = 0.0,
-            validation_data=None, shuffle: bool | str = True, class_weight: dict | None = None,
-            sample_weight=None, initial_epoch: int = 0, steps_per_epoch: int | None = None,
-            validation_steps: int | None = None, validation_batch_size: int | None = None,
-            validation_freq: int | Sequence[int] = 1, **kwargs) -> keras.callbacks.History:
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size: int | None = None,
+        epochs: int = 1,
+        verbose: int | str = "auto",
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
+        validation_split: float = 0.0,
+        validation_data=None,
+        shuffle: bool | str = True,
+        class_weight: dict | None = None,
+        sample_weight=None,
+        initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: int | Sequence[int] = 1,
+        **kwargs,
+    ) -> keras.callbacks.History:
         """Train for `epochs` epochs, with the arguments and semantics of `keras.Model.fit`.
 
         Returns the `keras.callbacks.History`; every epoch's logs also carry `rss_mb` (and `device_mb`,
@@ -339,45 +241,71 @@ class SafeTrainer(StepSurface):
             ...                                  callbacks=[keras.callbacks.EarlyStopping(patience=2)])
         """
         reject_unknown(kwargs, self.fit, "fit")
-        check_int("epochs", epochs, 0)
-        check_int("initial_epoch", initial_epoch, 0)
-        if epochs < initial_epoch:
-            raise ValueError(f"`epochs` ({epochs}) must be >= `initial_epoch` ({initial_epoch}): `epochs` is "
-                             "the index of the last epoch, not a count of epochs to add.")
-        check_int("steps_per_epoch", steps_per_epoch, 1, allow_none=True)
-        check_int("validation_steps", validation_steps, 1, allow_none=True)
-        check_int("validation_batch_size", validation_batch_size, 1, allow_none=True)
-        if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
-            check_int("validation_freq", validation_freq, 1)
-        elif not (isinstance(validation_freq, (list, tuple)) and all(isinstance(v, int) for v in validation_freq)):
-            raise TypeError(f"`validation_freq` must be an int or a list of epoch numbers, got {validation_freq!r}.")
+        check_fit_arguments(
+            epochs, initial_epoch, steps_per_epoch, validation_steps, validation_batch_size, validation_freq
+        )
         verbose = resolve_verbose(verbose)
-        self._require_training_config("fit")
+        self.require_compiled("fit")
         if validation_split and validation_data is None:
-            (x, y, sample_weight), validation_data = data_module.split_validation(x, y, sample_weight,
-                                                                                 validation_split)
-        train = self._batches(x, y, sample_weight, batch_size=batch_size, shuffle=shuffle,
-                              class_weight=class_weight, steps=steps_per_epoch, what="fit")
-        self._check_data(train, x, y, sample_weight, "fit")
+            (x, y, sample_weight), validation_data = data_module.split_validation(x, y, sample_weight, validation_split)
+        train = self._batches(
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            steps=steps_per_epoch,
+            what="fit",
+        )
+        check_data(self.model, train, x, y, sample_weight, "fit", self.check_inputs)
         val = None
         if validation_data is not None:
             vx, vy, vsw = data_module.unpack_validation_data(validation_data)
-            val = data_module.as_batches(vx, vy, vsw, batch_size=validation_batch_size or (
-                batch_size if data_module.kind_of(vx) == "arrays" else None), shuffle=False,
-                steps=validation_steps, what="fit (validation_data)")
-            self._check_data(val, vx, vy, vsw, "fit (validation_data)")
+            val = data_module.as_batches(
+                vx,
+                vy,
+                vsw,
+                batch_size=validation_batch_size or (batch_size if data_module.kind_of(vx) == "arrays" else None),
+                shuffle=False,
+                steps=validation_steps,
+                what="fit (validation_data)",
+            )
+            check_data(self.model, val, vx, vy, vsw, "fit (validation_data)", self.check_inputs)
         self.build(train.element_spec)
         self.train_spec = train.element_spec
-        self._train_batches = train
-        loop = Loop(self, callbacks, verbose=verbose, epochs=epochs, steps=steps_per_epoch or train.num_batches,
-                    add_history=True)
-        return loop.fit(train, val, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                        validation_steps=validation_steps, validation_freq=validation_freq)
+        self.train_batches = train
+        loop = Loop(
+            self,
+            callbacks,
+            verbose=verbose,
+            epochs=epochs,
+            steps=steps_per_epoch or train.num_batches,
+            add_history=True,
+        )
+        return loop.fit(
+            train,
+            val,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_steps=validation_steps,
+            validation_freq=validation_freq,
+        )
 
     @distributed.reports_worker_failures
-    def evaluate(self, x=None, y=None, batch_size: int | None = None, verbose: int | str = "auto",
-                 sample_weight=None, steps: int | None = None, callbacks=None, return_dict: bool = False,
-                 **kwargs):
+    def evaluate(
+        self,
+        x=None,
+        y=None,
+        batch_size: int | None = None,
+        verbose: int | str = "auto",
+        sample_weight=None,
+        steps: int | None = None,
+        callbacks=None,
+        return_dict: bool = False,
+        **kwargs,
+    ):
         """Loss and metrics on data, with the arguments and return value of `keras.Model.evaluate`.
 
         Example:
@@ -388,10 +316,11 @@ class SafeTrainer(StepSurface):
         reject_unknown(kwargs, self.evaluate, "evaluate")
         check_int("steps", steps, 1, allow_none=True)
         verbose = resolve_verbose(verbose)
-        self._require_training_config("evaluate")
-        batches = data_module.as_batches(x, y, sample_weight, batch_size=batch_size, shuffle=False,
-                                         steps=steps, what="evaluate")
-        self._check_data(batches, x, y, sample_weight, "evaluate")
+        self.require_compiled("evaluate")
+        batches = data_module.as_batches(
+            x, y, sample_weight, batch_size=batch_size, shuffle=False, steps=steps, what="evaluate"
+        )
+        check_data(self.model, batches, x, y, sample_weight, "evaluate", self.check_inputs)
         self.build(batches.element_spec)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)
         try:
@@ -403,8 +332,15 @@ class SafeTrainer(StepSurface):
         return _compat.flatten_metrics_in_order(self.model, logs)
 
     @distributed.reports_worker_failures
-    def predict(self, x, batch_size: int | None = None, verbose: int | str = "auto", steps: int | None = None,
-                callbacks=None, **kwargs):
+    def predict(
+        self,
+        x,
+        batch_size: int | None = None,
+        verbose: int | str = "auto",
+        steps: int | None = None,
+        callbacks=None,
+        **kwargs,
+    ):
         """The model's outputs on `x` as NumPy arrays (same structure as the model's outputs).
 
         Outputs are gathered on device per chunk of batches and copied once per chunk, so memory holds
@@ -416,8 +352,9 @@ class SafeTrainer(StepSurface):
         reject_unknown(kwargs, self.predict, "predict")
         check_int("steps", steps, 1, allow_none=True)
         verbose = resolve_verbose(verbose)
-        batches = data_module.as_batches(x, None, None, batch_size=batch_size, shuffle=False, steps=steps,
-                                         what="predict")
+        batches = data_module.as_batches(
+            x, None, None, batch_size=batch_size, shuffle=False, steps=steps, what="predict"
+        )
         self.build(batches.element_spec, training=False)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)
         try:

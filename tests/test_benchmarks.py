@@ -10,10 +10,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "t.json"
-    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--problems", "mlp", "--reps", "1",
-                             "--epochs", "2", "--samples", "320", "--variants", "fit,safe,floor", "--json", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/throughput.py",
+            "--problems",
+            "mlp",
+            "--reps",
+            "1",
+            "--epochs",
+            "2",
+            "--samples",
+            "320",
+            "--variants",
+            "fit,safe,floor",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| mlp | safe/fit |" in result.stdout and "| mlp | safe/floor |" in result.stdout
     data = json.loads(out.read_text())
@@ -21,17 +40,38 @@ def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
 
 
 def test_memory_benchmark_times_rehydration(tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/memory.py", "--only", "r", "--json", str(tmp_path / "m.json"),
-                             "--png", ""], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    result = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--only", "r", "--json", str(tmp_path / "m.json"), "--png", ""],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Re-hydration of a 1,050,625-parameter model: median" in result.stdout
 
 
 def test_soak_benchmark_runs(tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/soak.py", "--epochs", "12", "--overhead-runs", "0",
-                             "--trials", "0", "--json", str(tmp_path / "s.json")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/soak.py",
+            "--epochs",
+            "12",
+            "--overhead-runs",
+            "0",
+            "--trials",
+            "0",
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["soak"]["epochs"] == 12 and data["soak"]["rehydrations"] == 1

@@ -55,6 +55,7 @@ def test_killed_while_writing_a_checkpoint_recovers_from_the_previous_one(tmp_pa
 
 # -- in-process: formats, corruption, failures ------------------------------------------------------
 
+
 def build():
     return make_mlp(dropout=0.2)
 
@@ -72,7 +73,8 @@ class StopAt(keras.callbacks.Callback):
 def interrupted_then_resumed(directory, stop_at, **policy_kwargs):
     with pytest.raises(KeyboardInterrupt):
         SafeTrainer(build(), policies=[Checkpoint(directory, **policy_kwargs)]).fit(
-            x, y, batch_size=8, epochs=3, verbose=0, callbacks=[StopAt(stop_at)])
+            x, y, batch_size=8, epochs=3, verbose=0, callbacks=[StopAt(stop_at)]
+        )
     trainer = SafeTrainer(build(), policies=[Checkpoint(directory, **policy_kwargs)])
     return trainer, trainer.fit(x, y, batch_size=8, epochs=3, verbose=0)
 
@@ -93,8 +95,9 @@ def test_keep_bounds_the_files_on_disk(tmp_path):
     policy = Checkpoint(tmp_path / "c", every_n_epochs=1, every_n_batches=2, keep=3)
     SafeTrainer(build(), policies=[policy]).fit(x, y, batch_size=8, epochs=3, verbose=0)
     assert len(policy.written) > 10
-    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path / "c"))] == \
-        [os.path.basename(p) for p in policy.written[-3:]]
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path / "c"))] == [
+        os.path.basename(p) for p in policy.written[-3:]
+    ]
 
 
 def test_a_corrupt_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
@@ -138,12 +141,16 @@ def test_a_checkpoint_of_another_model_is_refused_before_training(tmp_path):
     directory = tmp_path / "c"
     SafeTrainer(build(), policies=[Checkpoint(directory)]).fit(x, y, epochs=1, verbose=0)
     keras.utils.set_random_seed(0)
-    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
-                              keras.layers.Dropout(0.2), keras.layers.Dense(1)])
+    other = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dropout(0.2), keras.layers.Dense(1)]
+    )
     other.compile(optimizer="adam", loss="mse", metrics=["mae"])
     before = [w.copy() for w in other.get_weights()]
-    with pytest.raises(CheckpointMismatch, match=r"written for another model: its model differ \(entry 0 is "
-                                                 r"\[\[8, 16\], 'float32'\] in the checkpoint, \[\[8, 32\]"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"written for another model: its model differ \(entry 0 is "
+        r"\[\[8, 16\], 'float32'\] in the checkpoint, \[\[8, 32\]",
+    ):
         SafeTrainer(other, policies=[Checkpoint(directory)]).fit(x, y, epochs=2, verbose=0)
     for a, b in zip(before, other.get_weights()):
         np.testing.assert_array_equal(a, b)

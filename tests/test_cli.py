@@ -10,8 +10,9 @@ import pytest
 
 def run(*args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "safetrain", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "safetrain", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def check_demo(result, epochs, lengths):

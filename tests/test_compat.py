@@ -18,8 +18,15 @@ from safetrain import _compat
 def test_every_private_name_is_importable():
     missing = [name for name in _compat.__all__ if not hasattr(_compat, name)]
     assert missing == []
-    for name in ("TensorFlowTrainer", "potentially_ragged_concat", "reduce_per_replica",
-                 "unscale_loss_for_distribution", "get_data_adapter", "can_convert_arrays", "pythonify_logs"):
+    for name in (
+        "TensorFlowTrainer",
+        "potentially_ragged_concat",
+        "reduce_per_replica",
+        "unscale_loss_for_distribution",
+        "get_data_adapter",
+        "can_convert_arrays",
+        "pythonify_logs",
+    ):
         assert getattr(_compat, name) is not None, name
     assert callable(_compat.array_slicing.convert_to_sliceable)
     assert callable(_compat.data_adapter_utils.pack_x_y_sample_weight)
@@ -57,8 +64,10 @@ def test_tensorflow_internals_safetrain_uses():
 
 def test_importing_safetrain_changes_no_environment_variable():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    code = ("import os, safetrain; from safetrain import SafeTrainer, ProgressBar; "
-            "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
+    code = (
+        "import os, safetrain; from safetrain import SafeTrainer, ProgressBar; "
+        "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "None"

@@ -48,7 +48,7 @@ def test_float64_arrays_become_floatx_as_in_keras():
 def test_class_weight_becomes_sample_weight():
     y = np.array([0, 1, 2, 1])
     b = as_batches(np.zeros((4, 2), "float32"), y, class_weight={1: 3.0}, batch_size=4)
-    (_, _, sw), = batches_of(b)
+    ((_, _, sw),) = batches_of(b)
     assert sw.tolist() == [1.0, 3.0, 1.0, 3.0]
 
 
@@ -93,7 +93,7 @@ def test_generator_input_trains():
 
     def gen():
         for i in range(0, 64, 16):
-            yield x[i:i + 16], y[i:i + 16]
+            yield x[i : i + 16], y[i : i + 16]
 
     trainer = SafeTrainer(make_mlp())
     history = trainer.fit(gen(), epochs=1, verbose=0)
@@ -140,25 +140,29 @@ def test_repeated_dataset_with_steps_per_epoch_trains_that_many_steps():
 
 # -- bad input: clear errors, raised before any step ------------------------------------------------
 
+
 def assert_untrained(model, weights_before):
     assert int(model.optimizer.iterations) == 0
     for a, b in zip(weights_before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(y_slice=slice(0, 50)), ValueError, r"`x` has 60 samples, `y` has 50"),
-    (dict(batch_size=0), ValueError, r"`batch_size` must be a positive integer"),
-    (dict(batch_size=-3), ValueError, r"`batch_size`"),
-    (dict(batch_size=2.5), TypeError, r"`batch_size`"),
-    (dict(epochs=2, initial_epoch=3), ValueError, r"`epochs` \(2\) must be >= `initial_epoch` \(3\)"),
-    (dict(epochz=3), TypeError, r"`epochz` \(did you mean `epochs`\?\)"),
-    (dict(validation_split=1.5), ValueError, r"`validation_split`"),
-    (dict(class_weight={0: 1.0}, sample_weight=True), ValueError, r"`class_weight` and `sample_weight`"),
-    (dict(n=0), ValueError, r"empty"),
-    (dict(steps_per_epoch=0), ValueError, r"`steps_per_epoch`"),
-    (dict(verbose=3), ValueError, r"`verbose`"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(y_slice=slice(0, 50)), ValueError, r"`x` has 60 samples, `y` has 50"),
+        (dict(batch_size=0), ValueError, r"`batch_size` must be a positive integer"),
+        (dict(batch_size=-3), ValueError, r"`batch_size`"),
+        (dict(batch_size=2.5), TypeError, r"`batch_size`"),
+        (dict(epochs=2, initial_epoch=3), ValueError, r"`epochs` \(2\) must be >= `initial_epoch` \(3\)"),
+        (dict(epochz=3), TypeError, r"`epochz` \(did you mean `epochs`\?\)"),
+        (dict(validation_split=1.5), ValueError, r"`validation_split`"),
+        (dict(class_weight={0: 1.0}, sample_weight=True), ValueError, r"`class_weight` and `sample_weight`"),
+        (dict(n=0), ValueError, r"empty"),
+        (dict(steps_per_epoch=0), ValueError, r"`steps_per_epoch`"),
+        (dict(verbose=3), ValueError, r"`verbose`"),
+    ],
+)
 def test_bad_array_arguments_raise_before_any_step(kwargs, error, match):
     n = kwargs.pop("n", 60)
     x, y = regression_data(n=n) if n else (np.zeros((0, 8), "float32"), np.zeros((0, 1), "float32"))
@@ -185,15 +189,22 @@ def gen():
     yield x[8:16], y[8:16]
 
 
-@pytest.mark.parametrize("make_x, kwargs, match", [
-    (dataset, dict(batch_size=8), r"`batch_size` must be None when `x` is a tf.data.Dataset"),
-    (dataset, dict(validation_split=0.2), r"`validation_split` is only supported for array inputs"),
-    (gen, dict(validation_split=0.2), r"`validation_split` is only supported for array inputs, not for a generator"),
-    (dataset, dict(y=np.zeros((32, 1))), r"`y` must be None when `x` is a tf.data.Dataset"),
-    (lambda: dataset().take(0), {}, r"empty"),
-    (gen, dict(class_weight={0: 2.0}), r"`class_weight` is not supported with a generator"),
-    (lambda: "train.csv", {}, r"`x` must be NumPy arrays or tensors"),
-])
+@pytest.mark.parametrize(
+    "make_x, kwargs, match",
+    [
+        (dataset, dict(batch_size=8), r"`batch_size` must be None when `x` is a tf.data.Dataset"),
+        (dataset, dict(validation_split=0.2), r"`validation_split` is only supported for array inputs"),
+        (
+            gen,
+            dict(validation_split=0.2),
+            r"`validation_split` is only supported for array inputs, not for a generator",
+        ),
+        (dataset, dict(y=np.zeros((32, 1))), r"`y` must be None when `x` is a tf.data.Dataset"),
+        (lambda: dataset().take(0), {}, r"empty"),
+        (gen, dict(class_weight={0: 2.0}), r"`class_weight` is not supported with a generator"),
+        (lambda: "train.csv", {}, r"`x` must be NumPy arrays or tensors"),
+    ],
+)
 def test_bad_dataset_arguments_raise_before_any_step(make_x, kwargs, match):
     model = make_mlp()
     before = model.get_weights()

@@ -20,7 +20,7 @@ TIMEOUT = 240
 def _result(output: str) -> dict:
     lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no RESULT line; output ends with:\n{output[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _env():
@@ -43,9 +43,16 @@ def _free_ports(n: int) -> list[int]:
 def launch(scenario: str, workdir: str, timeout: float = TIMEOUT) -> list[dict]:
     """Start 2 workers of `scenario`; wait for both (killing both past `timeout`); their results and logs."""
     ports = ",".join(map(str, _free_ports(2)))
-    procs = [subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), scenario, workdir,
-                               str(i), ports], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=_env()) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), scenario, workdir, str(i), ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+        )
+        for i in range(2)
+    ]
     deadline = time.monotonic() + timeout
     outputs = []
     try:
@@ -56,13 +63,20 @@ def launch(scenario: str, workdir: str, timeout: float = TIMEOUT) -> list[dict]:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [dict(_result(out) if "RESULT " in out else {}, output=out, returncode=p.returncode)
-            for p, out in zip(procs, outputs)]
+    return [
+        dict(_result(out) if "RESULT " in out else {}, output=out, returncode=p.returncode)
+        for p, out in zip(procs, outputs)
+    ]
 
 
 def single(workdir: str) -> dict:
-    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), "single", workdir],
-                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    done = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "multi_worker.py"), "single", workdir],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
     return _result(done.stdout + done.stderr)
 
 
@@ -77,11 +91,17 @@ def same_weights(a: dict, b: dict) -> bool:
 
 # -- MirroredStrategy, 2 logical CPU devices ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("mirrored"))
-    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "mirrored.py"), workdir], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=_env())
+    done = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "mirrored.py"), workdir],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
     return _result(done.stdout + done.stderr)
 
 
@@ -142,6 +162,7 @@ def test_checkpoint_resumes_a_mirrored_run_bit_identically(mirrored):
 
 # -- MultiWorkerMirroredStrategy, 2 worker processes on localhost ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """The multi-worker scenarios in two cluster start-ups: `train` then `first` in one pair of processes;
@@ -151,8 +172,9 @@ def workers(tmp_path_factory):
     for scenario in ("train+first", "resume+memory"):
         pair = launch(scenario, root)
         for r in pair:
-            assert r.get("returncode") == 0 and all(step in r for step in scenario.split("+")), \
-                r.get("output", "")[-3000:]
+            assert r.get("returncode") == 0 and all(step in r for step in scenario.split("+")), r.get("output", "")[
+                -3000:
+            ]
         for step in scenario.split("+"):
             results[step] = [dict(r[step], worker=r["worker"], chief=r["chief"], output=r["output"]) for r in pair]
     return results

@@ -50,10 +50,15 @@ class Quiet(keras.callbacks.Callback):
 
 
 def test_other_workers_drop_log_writers_and_keep_checkpoints_in_private_places(tmp_path):
-    callbacks = [keras.callbacks.CSVLogger(str(tmp_path / "log.csv")), keras.callbacks.TensorBoard(str(tmp_path / "tb")),
-                 ProgressBar(), Quiet(), keras.callbacks.EarlyStopping(patience=1),
-                 keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras")),
-                 keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))]
+    callbacks = [
+        keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+        keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+        ProgressBar(),
+        Quiet(),
+        keras.callbacks.EarlyStopping(patience=1),
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras")),
+        keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+    ]
     chief_callbacks, _ = distributed.callbacks_for_worker(cluster("worker", 0, WORKERS), callbacks)
     assert chief_callbacks == callbacks
 
@@ -72,22 +77,28 @@ def test_other_workers_drop_log_writers_and_keep_checkpoints_in_private_places(t
 
 
 def test_a_collective_error_becomes_worker_failure_naming_the_worker():
-    error = tf.errors.UnavailableError(None, None, "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/"
-                                       "replica:0/task:0/device:CPU:0}} Collective ops is aborted by: Error reported "
-                                       "from /job:worker/task:1: The following tasks are unhealthy (stopped sending "
-                                       "heartbeats):\n/job:worker/replica:0/task:1\n")
-    with pytest.raises(distributed.WorkerFailure, match="worker 1 failed or became unreachable") as info:
-        with distributed.worker_failures(cluster("worker", 0, WORKERS)):
-            raise error
+    error = tf.errors.UnavailableError(
+        None,
+        None,
+        "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/"
+        "replica:0/task:0/device:CPU:0}} Collective ops is aborted by: Error reported "
+        "from /job:worker/task:1: The following tasks are unhealthy (stopped sending "
+        "heartbeats):\n/job:worker/replica:0/task:1\n",
+    )
+    with (
+        pytest.raises(distributed.WorkerFailure, match="worker 1 failed or became unreachable") as info,
+        distributed.worker_failures(cluster("worker", 0, WORKERS)),
+    ):
+        raise error
     assert "stopped sending heartbeats" in str(info.value) and isinstance(info.value, RuntimeError)
     assert info.value.__cause__ is error
-    with pytest.raises(tf.errors.UnavailableError):  # one process: left alone
-        with distributed.worker_failures(None):
-            raise error
+    with pytest.raises(tf.errors.UnavailableError), distributed.worker_failures(None):  # one process: left alone
+        raise error
 
 
 def test_memory_samples_carry_every_workers_rss_only_in_multi_worker_runs(tmp_path):
     from conftest import make_mlp, regression_data
+
     from safetrain import SafeTrainer
 
     x, y = regression_data(n=64)

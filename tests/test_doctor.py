@@ -79,9 +79,22 @@ def test_the_json_report_is_written(reports, tmp_path_factory):
 def test_cli_plot_and_fail_on_leak(tmp_path):
     plot = tmp_path / "doctor.png"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run([sys.executable, "-m", "safetrain", "doctor", "--plot", str(plot), "--fail-on-leak",
-                           str(LEAKY / "stateful_not_reset.py")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safetrain",
+            "doctor",
+            "--plot",
+            str(plot),
+            "--fail-on-leak",
+            str(LEAKY / "stateful_not_reset.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "stateful layer never reset" in done.stdout and "ResetStates()" in done.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -90,8 +103,12 @@ def test_cli_plot_and_fail_on_leak(tmp_path):
 def test_script_arguments_pass_through_and_its_exit_code_comes_back(tmp_path):
     script = tmp_path / "args.py"
     script.write_text("import sys\nprint('ARGS', sys.argv[1:])\nsys.exit(int(sys.argv[2]))\n")
-    done = subprocess.run([sys.executable, "-m", "safetrain", "doctor", str(script), "--flag", "3"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "safetrain", "doctor", str(script), "--flag", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "ARGS ['--flag', '3']" in done.stdout
     assert done.returncode == 3
 
@@ -103,10 +120,18 @@ def test_a_missing_script_is_refused_by_name():
 
 # -- the rules, on recorded runs ------------------------------------------------------------------------
 
+
 def record(events=(), functions=(), stateful=None, census=None, counts=None):
-    return dict(events=list(events), functions=list(functions), stateful=stateful or {}, census=census or {},
-                counts=counts or {"models": 0, "predicts": 0, "epochs": 0, "fits": 0}, exit_code=0, error=None,
-                wall_s=1.0)
+    return dict(
+        events=list(events),
+        functions=list(functions),
+        stateful=stateful or {},
+        census=census or {},
+        counts=counts or {"models": 0, "predicts": 0, "epochs": 0, "fits": 0},
+        exit_code=0,
+        error=None,
+        wall_s=1.0,
+    )
 
 
 def epochs(rss_values):
@@ -114,8 +139,10 @@ def epochs(rss_values):
 
 
 def census(first_mb, last_mb, name="list"):
-    return {"first": dict(stats={name: [10, int(first_mb * 2**20)]}, rss_mb=first_mb + 500, seconds=0.1, t=0),
-            "last": dict(stats={name: [20, int(last_mb * 2**20)]}, rss_mb=last_mb + 500, seconds=0.1, t=9)}
+    return {
+        "first": dict(stats={name: [10, int(first_mb * 2**20)]}, rss_mb=first_mb + 500, seconds=0.1, t=0),
+        "last": dict(stats={name: [20, int(last_mb * 2**20)]}, rss_mb=last_mb + 500, seconds=0.1, t=9),
+    }
 
 
 def causes(data):

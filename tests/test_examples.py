@@ -32,8 +32,9 @@ def runs():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
     def run(path):
-        return path.name, subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300,
-                                         env=env)
+        return path.name, subprocess.run(
+            [sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env
+        )
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(run, EXAMPLES))

@@ -8,14 +8,17 @@ from conftest import assert_same_training, classification_images, make_cnn, make
 
 from safetrain import SafeTrainer
 
+
 def test_mlp_regressor_with_metric_validation_and_dropout_matches_model_fit():
     x, y = regression_data(n=330)  # 330 / 32: a partial last batch
 
     def build():
         return make_mlp(dropout=0.2)
 
-    results = run_both(build, lambda: dict(x=x[:270], y=y[:270], batch_size=32, epochs=4, shuffle=False,
-                                           validation_data=(x[270:], y[270:])))
+    results = run_both(
+        build,
+        lambda: dict(x=x[:270], y=y[:270], batch_size=32, epochs=4, shuffle=False, validation_data=(x[270:], y[270:])),
+    )
     assert_same_training(*results[:4])
     assert set(results[3]) >= {"loss", "mae", "val_loss", "val_mae", "rss_mb"}
 
@@ -46,19 +49,26 @@ def build_two_input_model():
 
 def test_functional_model_with_two_named_inputs_matches_model_fit():
     rng = np.random.default_rng(1)
-    inputs = {"numbers": rng.standard_normal((100, 5)).astype("float32"),
-              "flags": rng.integers(0, 2, (100, 3)).astype("float32")}
+    inputs = {
+        "numbers": rng.standard_normal((100, 5)).astype("float32"),
+        "flags": rng.integers(0, 2, (100, 3)).astype("float32"),
+    }
     y = rng.standard_normal((100, 1)).astype("float32")
-    results = run_both(build_two_input_model,
-                       lambda: dict(x=inputs, y=y, batch_size=16, epochs=3, shuffle=False, validation_split=0.2))
+    results = run_both(
+        build_two_input_model, lambda: dict(x=inputs, y=y, batch_size=16, epochs=3, shuffle=False, validation_split=0.2)
+    )
     assert_same_training(*results[:4])
 
 
 def build_classifier():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(12, activation="relu"), keras.layers.Dense(3)])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], weighted_metrics=["accuracy"])
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        weighted_metrics=["accuracy"],
+    )
     return model
 
 
@@ -71,16 +81,20 @@ def classifier_data():
 
 def test_class_weight_matches_model_fit():
     x, y = classifier_data()
-    results = run_both(build_classifier, lambda: dict(x=x, y=y, batch_size=20, epochs=3, shuffle=False,
-                                                      class_weight={0: 1.0, 1: 3.0, 2: 0.5}))
+    results = run_both(
+        build_classifier,
+        lambda: dict(x=x, y=y, batch_size=20, epochs=3, shuffle=False, class_weight={0: 1.0, 1: 3.0, 2: 0.5}),
+    )
     assert_same_training(*results[:4])
 
 
 def test_sample_weight_matches_model_fit():
     x, y = classifier_data()
     sw = np.random.default_rng(3).uniform(0.1, 2.0, size=(150,)).astype("float32")
-    results = run_both(build_classifier, lambda: dict(x=x, y=y, sample_weight=sw, batch_size=20, epochs=3,
-                                                      shuffle=False, validation_split=0.2))
+    results = run_both(
+        build_classifier,
+        lambda: dict(x=x, y=y, sample_weight=sw, batch_size=20, epochs=3, shuffle=False, validation_split=0.2),
+    )
     assert_same_training(*results[:4])
 
 
@@ -90,8 +104,12 @@ def test_multi_output_model_with_loss_weights_matches_model_fit():
         inp = keras.Input((4,))
         h = keras.layers.Dense(8, activation="tanh")(inp)
         model = keras.Model(inp, {"a": keras.layers.Dense(1, name="a")(h), "b": keras.layers.Dense(2, name="b")(h)})
-        model.compile(optimizer="rmsprop", loss={"a": "mse", "b": "mae"}, loss_weights={"a": 1.0, "b": 0.3},
-                      metrics={"a": ["mae"]})
+        model.compile(
+            optimizer="rmsprop",
+            loss={"a": "mse", "b": "mae"},
+            loss_weights={"a": 1.0, "b": 0.3},
+            metrics={"a": ["mae"]},
+        )
         return model
 
     rng = np.random.default_rng(4)
@@ -104,9 +122,11 @@ def test_multi_output_model_with_loss_weights_matches_model_fit():
 @pytest.mark.parametrize("steps_per_execution", [1, 3, "auto"])
 def test_numbers_do_not_depend_on_steps_per_execution(steps_per_execution):
     x, y = regression_data(n=200)
-    results = run_both(lambda: make_mlp(dropout=0.1),
-                       lambda: dict(x=x, y=y, batch_size=16, epochs=2, shuffle=False),
-                       trainer_kwargs=dict(steps_per_execution=steps_per_execution))
+    results = run_both(
+        lambda: make_mlp(dropout=0.1),
+        lambda: dict(x=x, y=y, batch_size=16, epochs=2, shuffle=False),
+        trainer_kwargs=dict(steps_per_execution=steps_per_execution),
+    )
     assert_same_training(*results[:4])
 
 
@@ -116,11 +136,14 @@ def test_evaluate_and_predict_match_keras():
     model.fit(x, y, epochs=1, verbose=0)
     trainer = SafeTrainer(model)
     assert trainer.evaluate(x, y, batch_size=7, verbose=0) == pytest.approx(
-        model.evaluate(x, y, batch_size=7, verbose=0), rel=1e-6)
+        model.evaluate(x, y, batch_size=7, verbose=0), rel=1e-6
+    )
     assert trainer.evaluate(x, y, verbose=0, return_dict=True) == pytest.approx(
-        model.evaluate(x, y, verbose=0, return_dict=True), rel=1e-6)
-    np.testing.assert_allclose(trainer.predict(x, batch_size=7, verbose=0),
-                               model.predict(x, batch_size=7, verbose=0), rtol=1e-6)
+        model.evaluate(x, y, verbose=0, return_dict=True), rel=1e-6
+    )
+    np.testing.assert_allclose(
+        trainer.predict(x, batch_size=7, verbose=0), model.predict(x, batch_size=7, verbose=0), rtol=1e-6
+    )
 
 
 def test_shuffled_fit_is_reproducible_with_the_same_seed():

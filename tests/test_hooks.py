@@ -78,8 +78,7 @@ class ThirdParty(keras.layers.Layer):
 
 def test_registered_hooks_serve_classes_you_do_not_own():
     calls = []
-    hooks.register(ThirdParty, reset=lambda layer: calls.append("reset"),
-                   release=lambda layer: layer.buffer.clear())
+    hooks.register(ThirdParty, reset=lambda layer: calls.append("reset"), release=lambda layer: layer.buffer.clear())
     try:
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((8,)), ThirdParty(), keras.layers.Dense(1)])

@@ -9,8 +9,9 @@ import pytest
 
 from safetrain import SafeTrainer
 
-keras_tests = pytest.importorskip("keras.src.callbacks.early_stopping_test",
-                                  reason="Keras's test modules are not installed with this Keras")
+keras_tests = pytest.importorskip(
+    "keras.src.callbacks.early_stopping_test", reason="Keras's test modules are not installed with this Keras"
+)
 
 ROUTED = {"fit": 0}
 
@@ -41,10 +42,20 @@ def fit_through_safetrainer(monkeypatch, request):
 import importlib  # noqa: E402
 import unittest  # noqa: E402
 
-SUITES = ["backup_and_restore_test", "callback_test", "csv_logger_test", "early_stopping_test",
-          "lambda_callback_test", "learning_rate_scheduler_test", "model_checkpoint_test",
-          "monitor_callback_test", "reduce_lr_on_plateau_test", "swap_ema_weights_test", "tensorboard_test",
-          "terminate_on_nan_test"]
+SUITES = [
+    "backup_and_restore_test",
+    "callback_test",
+    "csv_logger_test",
+    "early_stopping_test",
+    "lambda_callback_test",
+    "learning_rate_scheduler_test",
+    "model_checkpoint_test",
+    "monitor_callback_test",
+    "reduce_lr_on_plateau_test",
+    "swap_ema_weights_test",
+    "tensorboard_test",
+    "terminate_on_nan_test",
+]
 for _name in SUITES:
     _module = importlib.import_module(f"keras.src.callbacks.{_name}")
     for _attr, _value in vars(_module).items():

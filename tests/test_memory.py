@@ -41,8 +41,9 @@ def test_device_memory_reaches_the_logs_when_tensorflow_sees_a_gpu(monkeypatch):
     from safetrain import SafeTrainer, memory
 
     monkeypatch.setattr(memory, "_GPU_NAMES", ["/device:GPU:0"])
-    monkeypatch.setattr(tf.config.experimental, "get_memory_info",
-                        lambda name: {"current": 300 * 2**20, "peak": 512 * 2**20})
+    monkeypatch.setattr(
+        tf.config.experimental, "get_memory_info", lambda name: {"current": 300 * 2**20, "peak": 512 * 2**20}
+    )
     x, y = regression_data(n=32)
     history = SafeTrainer(make_mlp()).fit(x, y, epochs=2, verbose=0)
     assert history.history["device_mb"] == [300.0, 300.0]

@@ -9,8 +9,21 @@ import numpy as np
 import pytest
 from conftest import make_mlp, regression_data
 
-from safetrain import (ClearSession, GarbageCollect, LeakDetector, LeakWarning, MemoryBudget, MemoryBudgetExceeded,
-                       Policy, ResetStates, RetraceError, RetraceGuard, SafeTrainer, TrimMalloc, memory)
+from safetrain import (
+    ClearSession,
+    GarbageCollect,
+    LeakDetector,
+    LeakWarning,
+    MemoryBudget,
+    MemoryBudgetExceeded,
+    Policy,
+    ResetStates,
+    RetraceError,
+    RetraceGuard,
+    SafeTrainer,
+    TrimMalloc,
+    memory,
+)
 
 x, y = regression_data(n=64)
 
@@ -21,9 +34,14 @@ def test_policies_are_validated_and_exported_from_both_places():
     assert module.ClearSession is ClearSession
     with pytest.raises(TypeError, match=r"`policies\[0\]` must be a safetrain.Policy, got str"):
         SafeTrainer(make_mlp(), policies=["ClearSession"])
-    for bad in (lambda: ClearSession(0), lambda: ResetStates("sometimes"), lambda: MemoryBudget(-1),
-                lambda: MemoryBudget(10, action="explode"), lambda: RetraceGuard(action="ignore"),
-                lambda: LeakDetector(window=2)):
+    for bad in (
+        lambda: ClearSession(0),
+        lambda: ResetStates("sometimes"),
+        lambda: MemoryBudget(-1),
+        lambda: MemoryBudget(10, action="explode"),
+        lambda: RetraceGuard(action="ignore"),
+        lambda: LeakDetector(window=2),
+    ):
         with pytest.raises(ValueError):
             bad()
 
@@ -52,17 +70,25 @@ class Recorder(Policy):
 def test_policy_hooks_run_in_order_and_batch_hooks_on_exact_steps():
     first, second = Recorder(every_n_batches=3), Recorder()
     SafeTrainer(make_mlp(), policies=[first, second]).fit(x, y, batch_size=8, epochs=2, verbose=0)
-    assert second.calls == ["train_begin", ("epoch_begin", 0), ("epoch_end", 0, True, 0), ("epoch_begin", 1),
-                            ("epoch_end", 1, True, 1), "train_end"]
+    assert second.calls == [
+        "train_begin",
+        ("epoch_begin", 0),
+        ("epoch_end", 0, True, 0),
+        ("epoch_begin", 1),
+        ("epoch_end", 1, True, 1),
+        "train_end",
+    ]
     assert [c[1] for c in first.calls if c[0] == "batch"] == [3, 6, 9, 12, 15]
 
 
 # -- ResetStates ---------------------------------------------------------------------------------------
 
+
 def stateful_model():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5, 3), batch_size=4), keras.layers.LSTM(6, stateful=True),
-                              keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((5, 3), batch_size=4), keras.layers.LSTM(6, stateful=True), keras.layers.Dense(1)]
+    )
     model.compile(optimizer="adam", loss="mse")
     return model
 
@@ -115,11 +141,17 @@ def test_reset_states_every_batch_or_n_steps_calls_layer_hooks(every, expected):
 
 # -- ClearSession --------------------------------------------------------------------------------------
 
+
 def test_clear_session_rehydrates_on_schedule():
     trainer = SafeTrainer(make_mlp(dropout=0.2), policies=[ClearSession(every_n_epochs=2)])
     models = []
-    trainer.fit(x, y, epochs=5, verbose=0,
-                callbacks=[keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: models.append(id(trainer.model)))])
+    trainer.fit(
+        x,
+        y,
+        epochs=5,
+        verbose=0,
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: models.append(id(trainer.model)))],
+    )
     assert trainer.rehydrations == 2  # after epochs 2 and 4 (not after the last)
     assert len(set(models)) == 3
     plain = SafeTrainer(make_mlp(dropout=0.2))
@@ -129,8 +161,14 @@ def test_clear_session_rehydrates_on_schedule():
 
 def test_rehydration_of_a_larger_model_is_timed():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(1024, activation="relu"),
-                              keras.layers.Dense(512, activation="relu"), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [
+            keras.Input((256,)),
+            keras.layers.Dense(1024, activation="relu"),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse")
     assert model.count_params() > 700_000
     trainer = SafeTrainer(model)
@@ -141,6 +179,7 @@ def test_rehydration_of_a_larger_model_is_timed():
 
 
 # -- GarbageCollect and TrimMalloc ---------------------------------------------------------------------
+
 
 class Cycle:
     def __init__(self):
@@ -192,6 +231,7 @@ def test_trim_malloc_really_runs_here():
 
 # -- MemoryBudget --------------------------------------------------------------------------------------
 
+
 def test_memory_budget_stop_ends_training_cleanly_with_history():
     budget = MemoryBudget(1.0, action="stop")  # 1 MiB: always exceeded
     history = SafeTrainer(make_mlp(), policies=[budget]).fit(x, y, epochs=5, verbose=0)
@@ -225,13 +265,16 @@ def test_memory_budget_not_exceeded_does_nothing():
 
 # -- RetraceGuard --------------------------------------------------------------------------------------
 
+
 def test_retrace_guard_names_the_step_and_both_signatures():
     trainer = SafeTrainer(make_mlp(), policies=[RetraceGuard(max_traces=1)])
     trainer.fit(x, y, epochs=1, verbose=0)
     import tensorflow as tf
 
     wide = tf.data.Dataset.from_tensor_slices((x.astype("float64"), y.astype("float64"))).batch(8)
-    with pytest.raises(RetraceError, match=r"The train step was traced 2 times.*float32\[None, 8\].*float64\[None, 8\]"):
+    with pytest.raises(
+        RetraceError, match=r"The train step was traced 2 times.*float32\[None, 8\].*float64\[None, 8\]"
+    ):
         trainer.fit(wide, epochs=1, verbose=0)
 
 
@@ -254,6 +297,7 @@ def test_retrace_guard_warn_mode_warns_and_continues():
 
 
 # -- LeakDetector --------------------------------------------------------------------------------------
+
 
 class Hoarder(keras.callbacks.Callback):
     """Python-side accumulation: keeps `blocks` x 64 KiB (8 MiB by default) of per-epoch results forever.

@@ -9,16 +9,31 @@ import pytest
 import tensorflow as tf
 from conftest import regression_data
 
-from safetrain import (Checkpoint, DataError, NonFiniteLoss, OutOfMemory, OutOfMemoryWarning, SafeTrainer,
-                       StopOnNaN, checkpoint, faults)
+from safetrain import (
+    Checkpoint,
+    DataError,
+    NonFiniteLoss,
+    OutOfMemory,
+    OutOfMemoryWarning,
+    SafeTrainer,
+    StopOnNaN,
+    checkpoint,
+    faults,
+)
 
 x, y = regression_data(n=200, seed=3)
 
 
 def build(seed=0):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
     return model
 
@@ -40,6 +55,7 @@ def assert_same(t1, h1, t2, h2, atol=0.0):
 
 # -- out of memory -------------------------------------------------------------------------------
 
+
 def test_microbatches_give_the_full_batch_update_up_to_summation_order():
     full, micro = SafeTrainer(build()), SafeTrainer(build(), microbatch_size=5)
     assert_same(full, fit(full), micro, fit(micro), atol=1e-6)
@@ -48,11 +64,15 @@ def test_microbatches_give_the_full_batch_update_up_to_summation_order():
 def test_oom_on_the_first_batch_halves_until_it_fits_and_matches_that_size_from_the_start():
     trainer = SafeTrainer(build())
     faults.simulate_oom_above(trainer, 8)
-    with pytest.warns(OutOfMemoryWarning, match=r"epoch index 0, batch 0 \(a batch of 32\): retried in "
-                                                 r"microbatches of 8 \(was 32\)"):
+    with pytest.warns(
+        OutOfMemoryWarning,
+        match=r"epoch index 0, batch 0 \(a batch of 32\): retried in "
+        r"microbatches of 8 \(was 32\)",
+    ):
         history = trainer.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0).history
-    assert trainer.oom_events == [{"epoch": 0, "step": 0, "global_step": 1, "batch_size": 32,
-                                   "old_microbatch_size": 32, "new_microbatch_size": 8}]
+    assert trainer.oom_events == [
+        {"epoch": 0, "step": 0, "global_step": 1, "batch_size": 32, "old_microbatch_size": 32, "new_microbatch_size": 8}
+    ]
     assert history["microbatch_size"] == [8, 8]
     reference = SafeTrainer(build(), microbatch_size=8)
     assert_same(trainer, history, reference, fit(reference))  # bit for bit
@@ -71,8 +91,9 @@ def test_oom_in_the_middle_of_a_chunk_keeps_the_completed_steps_and_retries_only
     trainer = SafeTrainer(build())
     faults.simulate_oom_above(trainer, 16)
     history = fit(trainer, mixed_batches())
-    assert [(e["epoch"], e["step"], e["batch_size"], e["new_microbatch_size"]) for e in trainer.oom_events] == \
-        [(0, 5, 32, 16)]
+    assert [(e["epoch"], e["step"], e["batch_size"], e["new_microbatch_size"]) for e in trainer.oom_events] == [
+        (0, 5, 32, 16)
+    ]
     assert int(trainer.model.optimizer.iterations) == 2 * 10
     reference = SafeTrainer(build(), microbatch_size=16)
     assert_same(trainer, history, reference, fit(reference, mixed_batches()), atol=1e-6)
@@ -105,6 +126,7 @@ def test_a_custom_train_step_cannot_be_split_and_says_so():
 
 
 # -- non-finite loss -----------------------------------------------------------------------------
+
 
 def poisoned():
     """Targets with an Inf at sample 150: batch 4 of every epoch (batch 32, no shuffle). (An Inf or NaN
@@ -145,6 +167,7 @@ def test_stop_on_nan_without_rollback_keeps_the_state_it_stopped_in():
 
 # -- bad input -----------------------------------------------------------------------------------
 
+
 def classifier():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
@@ -167,8 +190,11 @@ def test_labels_out_of_range_in_arrays_are_refused_before_training():
 
 def test_labels_out_of_range_in_a_dataset_name_the_batch():
     ds = tf.data.Dataset.from_tensor_slices((x[:64], labels)).batch(8)
-    with pytest.raises(DataError, match=r"fit: epoch index 0, batch 4 failed: Received a label value of 7 "
-                                        r"which is outside the valid range of \[0, 4\)"):
+    with pytest.raises(
+        DataError,
+        match=r"fit: epoch index 0, batch 4 failed: Received a label value of 7 "
+        r"which is outside the valid range of \[0, 4\)",
+    ):
         SafeTrainer(classifier()).fit(ds, verbose=0)
 
 
@@ -187,8 +213,7 @@ def nan_at_sample_20():
 
 def test_check_inputs_refuses_nan_in_arrays_naming_the_sample():
     with pytest.raises(ValueError, match=r"`x` contains NaN or Inf: sample 20 \(batch 2 without shuffling\)"):
-        SafeTrainer(build(), check_inputs=True).fit(nan_at_sample_20(), y[:64], batch_size=8, shuffle=False,
-                                                    verbose=0)
+        SafeTrainer(build(), check_inputs=True).fit(nan_at_sample_20(), y[:64], batch_size=8, shuffle=False, verbose=0)
 
 
 def test_check_inputs_refuses_nan_in_a_dataset_naming_the_batch():
@@ -208,10 +233,12 @@ def test_a_generator_failing_mid_epoch_names_the_batch_and_leaves_checkpoints_in
         for i in range(12):
             if i == 8:
                 raise ValueError("sensor 3 went offline")
-            yield x[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+            yield x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
 
     policy = Checkpoint(tmp_path / "c", every_n_batches=3)
-    with pytest.raises(DataError, match=r"fit: epoch index 0, batch 8 failed: ValueError: sensor 3 went offline") as info:
+    with pytest.raises(
+        DataError, match=r"fit: epoch index 0, batch 8 failed: ValueError: sensor 3 went offline"
+    ) as info:
         SafeTrainer(build(), policies=[policy]).fit(sensor(), epochs=1, verbose=0)
     assert info.value.__cause__ is not None
     assert [os.path.basename(p) for p in policy.written] == ["ckpt-000000000003", "ckpt-000000000006"]

@@ -16,8 +16,9 @@ x, y = regression_data(n=150, seed=7)
 
 def sequential():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dropout(0.3), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dropout(0.3), keras.layers.Dense(1)]
+    )
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
     return model
 
@@ -96,9 +97,11 @@ def assert_bit_identical(plain, rehydrated):
     assert int(t1.model.optimizer.iterations) == int(t2.model.optimizer.iterations) == 32
 
 
-@pytest.mark.parametrize("build, use_factory", [(sequential, False), (functional, False), (subclassed, False),
-                                                (factory_built, True)],
-                         ids=["sequential", "functional", "subclassed_with_get_config", "factory"])
+@pytest.mark.parametrize(
+    "build, use_factory",
+    [(sequential, False), (functional, False), (subclassed, False), (factory_built, True)],
+    ids=["sequential", "functional", "subclassed_with_get_config", "factory"],
+)
 def test_clear_session_every_epoch_resumes_bit_exact(build, use_factory):
     plain = run(build, [], use_factory)
     rehydrated = run(build, [ClearSession(every_n_epochs=1)], use_factory)
@@ -141,10 +144,13 @@ def test_unregistered_custom_layers_rebuild_without_extra_code():
 
 def test_callbacks_keep_their_state_and_act_on_the_live_model(tmp_path):
     def callbacks():
-        return [keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9),
-                keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True),
-                keras.callbacks.ModelCheckpoint(str(tmp_path / "best.weights.h5"), save_best_only=True,
-                                                save_weights_only=True)]
+        return [
+            keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True),
+            keras.callbacks.ModelCheckpoint(
+                str(tmp_path / "best.weights.h5"), save_best_only=True, save_weights_only=True
+            ),
+        ]
 
     cbs_plain, cbs_rehydrated = callbacks(), callbacks()
     plain = run(sequential, [], callbacks=cbs_plain)

@@ -6,7 +6,7 @@ import tensorflow as tf
 from conftest import make_mlp, regression_data
 
 from safetrain import SafeTrainer
-from safetrain.steps import ChunkSizer
+from safetrain.graph_loops import ChunkSizer
 
 
 def test_partial_last_batch_traces_each_step_once():
@@ -19,8 +19,9 @@ def test_partial_last_batch_traces_each_step_once():
 
 def sequence_model():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((None, 4)), keras.layers.Conv1D(8, 3, padding="same"),
-                              keras.layers.LSTM(8), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((None, 4)), keras.layers.Conv1D(8, 3, padding="same"), keras.layers.LSTM(8), keras.layers.Dense(1)]
+    )
     model.compile(optimizer="adam", loss="mse")
     return model
 
@@ -44,7 +45,8 @@ def test_padded_tf_data_batches_trace_once():
     lengths = list(range(3, 30))
     ds = tf.data.Dataset.from_generator(
         lambda: ((np.ones((n, 4), "float32"), np.ones((1,), "float32")) for n in lengths),
-        output_signature=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([1], tf.float32)))
+        output_signature=(tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([1], tf.float32)),
+    )
     trainer = SafeTrainer(sequence_model())
     trainer.fit(ds.padded_batch(5), epochs=2, verbose=0)
     assert trainer.trace_counts["train"] == 1
@@ -105,8 +107,7 @@ def test_a_callback_with_batch_hooks_sees_every_batch_with_its_logs():
 def test_integer_steps_per_execution_reports_batches_per_call_like_keras():
     x, y = regression_data(n=50)
     recorder = BatchRecorder()
-    SafeTrainer(make_mlp(), steps_per_execution=3).fit(x, y, batch_size=8, epochs=1, verbose=0,
-                                                         callbacks=[recorder])
+    SafeTrainer(make_mlp(), steps_per_execution=3).fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[recorder])
     assert [b for b, _ in recorder.batches] == [2, 5, 6]
 
 

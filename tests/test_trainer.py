@@ -158,8 +158,15 @@ def test_safetrainer_never_calls_keras_own_loops(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("SafeTrainer called a Keras loop")
 
-    for name in ("fit", "evaluate", "predict", "make_train_function", "make_test_function",
-                 "make_predict_function", "train_on_batch"):
+    for name in (
+        "fit",
+        "evaluate",
+        "predict",
+        "make_train_function",
+        "make_test_function",
+        "make_predict_function",
+        "train_on_batch",
+    ):
         monkeypatch.setattr(keras.Model, name, forbidden)
     x, y = regression_data(n=40)
     trainer = SafeTrainer(make_mlp())

@@ -25,7 +25,7 @@ class NativeGrowth(keras.callbacks.Callback):
         size = 24 * 2**20
         address = libc.malloc(size)
         ctypes.memset(address, 1, size)  # touched, so it is resident
-        held.append(address)             # an int: no Python object grows with it
+        held.append(address)  # an int: no Python object grows with it
 
 
 model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)])

@@ -1,6 +1,6 @@
 """`python -m safetrain.doctor`: the doctor's command line, or with `--child` the instrumented child process.
 
-    python -m safetrain.doctor --child record.json train.py --epochs 5   # what `doctor.run` starts
+python -m safetrain.doctor --child record.json train.py --epochs 5   # what `doctor.run` starts
 """
 
 import sys

@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # The last census is skipped when RSS grew less than this since the first: diagnose could not call it accumulation.
 from safetrain.doctor.report import OBJECT_GROWTH_MB
@@ -42,13 +43,15 @@ class _Recorder:
         self.census: dict[str, Any] = {}
         self.counts = {"models": 0, "predicts": 0, "epochs": 0, "fits": 0}
         self.lock = threading.Lock()
+        self.watch: type | None = None  # the fit callback class, set when keras is patched
         self.exit_code = 0
         self.error: str | None = None
         self.event("start")
 
     def event(self, kind: str, **detail) -> None:
-        self.events.append(dict(t=round(time.perf_counter() - self.t0, 4), kind=kind,
-                                rss_mb=round(self.rss_mb(), 2), **detail))
+        self.events.append(
+            dict(t=round(time.perf_counter() - self.t0, 4), kind=kind, rss_mb=round(self.rss_mb(), 2), **detail)
+        )
 
     def take_census(self, when: str) -> None:
         # A full collection (0.2-0.3 s with TensorFlow loaded) only for the last census, where garbage
@@ -56,18 +59,30 @@ class _Recorder:
         gc.collect() if when == "last" else gc.collect(1)
         t0 = time.perf_counter()
         stats = census()
-        self.census[when] = dict(stats={k: list(v) for k, v in stats.items()}, seconds=time.perf_counter() - t0,
-                                 t=round(time.perf_counter() - self.t0, 4), rss_mb=self.rss_mb())
+        self.census[when] = dict(
+            stats={k: list(v) for k, v in stats.items()},
+            seconds=time.perf_counter() - t0,
+            t=round(time.perf_counter() - self.t0, 4),
+            rss_mb=self.rss_mb(),
+        )
 
     def maybe_baseline(self) -> None:
-        if "first" not in self.census and (self.counts["epochs"] >= 1 or self.counts["models"] >= 2
-                                           or self.counts["predicts"] >= 5):
+        if "first" not in self.census and (
+            self.counts["epochs"] >= 1 or self.counts["models"] >= 2 or self.counts["predicts"] >= 5
+        ):
             self.take_census("first")
 
     def write(self) -> None:
-        data = dict(events=self.events, functions=list(self.functions.values()), stateful=self.stateful,
-                    census=self.census, counts=self.counts, exit_code=self.exit_code, error=self.error,
-                    wall_s=time.perf_counter() - self.t0)
+        data = dict(
+            events=self.events,
+            functions=list(self.functions.values()),
+            stateful=self.stateful,
+            census=self.census,
+            counts=self.counts,
+            exit_code=self.exit_code,
+            error=self.error,
+            wall_s=time.perf_counter() - self.t0,
+        )
         with open(self.out_path, "w") as f:
             json.dump(data, f)
 
@@ -126,7 +141,7 @@ def _describe(value) -> str:
 def _signature(func, args, kwargs) -> dict[str, str]:
     try:
         bound = inspect.signature(func).bind_partial(*args, **kwargs)
-        items = bound.arguments.items()
+        items = list(bound.arguments.items())
     except (TypeError, ValueError):
         items = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     return {name: _describe(value) for name, value in items if name != "self"}
@@ -136,7 +151,7 @@ def _built_by_keras(model) -> bool:
     """A model Keras makes for its own use (the Functional model inside a built Sequential)."""
     if type(model).__name__ != "Functional":
         return False
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return False
@@ -179,10 +194,14 @@ def _install(rec: _Recorder) -> None:
             if name not in done:
                 done.add(name)
                 patch(rec)
+
         return run
 
-    for name, patch in (("tensorflow", _patch_tensorflow), ("keras", _patch_keras),
-                        ("safetrain.trainer", _patch_safetrain)):
+    for name, patch in (
+        ("tensorflow", _patch_tensorflow),
+        ("keras", _patch_keras),
+        ("safetrain.trainer", _patch_safetrain),
+    ):
         if name in sys.modules:
             once(name, patch)()
         else:
@@ -257,8 +276,9 @@ def _patch_keras(rec: _Recorder) -> None:
             for layer in model._flatten_layers(include_self=False) if model is not None else ():
                 if getattr(layer, "stateful", False):
                     key = f"{model.name}/{layer.name}"
-                    entry = rec.stateful.setdefault(key, {"layer": layer.name, "class": type(layer).__name__,
-                                                          "epochs": 0, "resets": 0})
+                    entry = rec.stateful.setdefault(
+                        key, {"layer": layer.name, "class": type(layer).__name__, "epochs": 0, "resets": 0}
+                    )
                     entry["epochs"] += 1
                     entry["resets"] = rec.resets.get(id(layer), 0)
             rec.maybe_baseline()

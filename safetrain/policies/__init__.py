@@ -18,5 +18,16 @@ from safetrain.policies.base import Policy, PolicyList
 from safetrain.policies.memory import ClearSession, GarbageCollect, LeakDetector, MemoryBudget, TrimMalloc
 from safetrain.policies.training import Checkpoint, ResetStates, RetraceGuard, StopOnNaN
 
-__all__ = ["Policy", "PolicyList", "ResetStates", "ClearSession", "GarbageCollect", "TrimMalloc", "MemoryBudget",
-           "RetraceGuard", "LeakDetector", "Checkpoint", "StopOnNaN"]
+__all__ = [
+    "Policy",
+    "PolicyList",
+    "ResetStates",
+    "ClearSession",
+    "GarbageCollect",
+    "TrimMalloc",
+    "MemoryBudget",
+    "RetraceGuard",
+    "LeakDetector",
+    "Checkpoint",
+    "StopOnNaN",
+]

@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from safetrain import memory
 

@@ -82,8 +82,9 @@ class MemoryBudget(Policy):
         >>> SafeTrainer(model, policies=[Checkpoint("runs/a"), MemoryBudget(6000, action="restart")])
     """
 
-    def __init__(self, max_rss_mb: float, action: str = "rehydrate", check_every: int | None = None,
-                 max_restarts: int = 100) -> None:
+    def __init__(
+        self, max_rss_mb: float, action: str = "rehydrate", check_every: int | None = None, max_restarts: int = 100
+    ) -> None:
         if isinstance(max_rss_mb, bool) or not isinstance(max_rss_mb, (int, float)) or max_rss_mb <= 0:
             raise ValueError(f"`max_rss_mb` must be a positive number, got {max_rss_mb!r}.")
         self.max_rss_mb = float(max_rss_mb)
@@ -95,14 +96,18 @@ class MemoryBudget(Policy):
 
     def on_train_begin(self, trainer):
         if self.action == "restart" and distributed.is_multi_worker(trainer.strategy):
-            raise ConfigurationError("MemoryBudget(action='restart') is not supported in a multi-worker run (the "
-                                     "workers would have to restart together); use action='rehydrate' or "
-                                     "'raise', or restart the job from its Checkpoint with your scheduler.")
+            raise ConfigurationError(
+                "MemoryBudget(action='restart') is not supported in a multi-worker run (the "
+                "workers would have to restart together); use action='rehydrate' or "
+                "'raise', or restart the job from its Checkpoint with your scheduler."
+            )
         if self.action == "rehydrate":
             trainer.check_rehydratable()
         if self.action == "restart" and trainer.policies.find(Checkpoint) is None:
-            raise ConfigurationError("MemoryBudget(action='restart') needs a Checkpoint policy in the same "
-                                     "trainer: the restarted process resumes from its checkpoint.")
+            raise ConfigurationError(
+                "MemoryBudget(action='restart') needs a Checkpoint policy in the same "
+                "trainer: the restarted process resumes from its checkpoint."
+            )
 
     def on_epoch_begin(self, trainer, epoch):
         if self._process_start_step is None:  # after every on_train_begin, a resume included
@@ -121,22 +126,32 @@ class MemoryBudget(Policy):
         else:
             raise MemoryBudgetExceeded(
                 f"Resident memory {sample.rss_mb:.1f} MiB exceeds the budget of {self.max_rss_mb:.1f} MiB "
-                f"({where}{'' if step is None else f' {step}'}, epoch {sample.epoch}).", trainer.memory, sample)
+                f"({where}{'' if step is None else f' {step}'}, epoch {sample.epoch}).",
+                trainer.memory,
+                sample,
+            )
 
     def _restart(self, trainer, sample) -> None:
         restarts = int(os.environ.get(isolation.RESTARTS_ENV, "0"))
         if trainer.progress.global_step <= (self._process_start_step or 0):
-            warnings.warn(f"MemoryBudget: {sample.rss_mb:.1f} MiB is over the budget of {self.max_rss_mb:.1f} MiB "
-                          "right after a restart, before any progress; not restarting again (raise the budget).",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MemoryBudget: {sample.rss_mb:.1f} MiB is over the budget of {self.max_rss_mb:.1f} MiB "
+                "right after a restart, before any progress; not restarting again (raise the budget).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         if restarts >= self.max_restarts:
-            warnings.warn(f"MemoryBudget: over budget, but {restarts} restarts already (max_restarts); going on.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MemoryBudget: over budget, but {restarts} restarts already (max_restarts); going on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         if not trainer.restart():
-            warnings.warn("MemoryBudget: the checkpoint before the restart failed; not restarting.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "MemoryBudget: the checkpoint before the restart failed; not restarting.", RuntimeWarning, stacklevel=3
+            )
 
     def on_batch_end(self, trainer, step, sample):
         self._check(trainer, sample, "step", step)
@@ -185,16 +200,22 @@ class LeakDetector(Policy):
         if self._baseline is None:
             # After the first epoch: tracing and warm-up are done, what grows from here on is the leak.
             self._baseline = diagnostics.baseline(trainer, sample)
-        series = trainer.memory.series("rss_mb")[self._start or 0:]
+        series = trainer.memory.series("rss_mb")[self._start or 0 :]
         if len(series) < self.window:
             return
-        growth = memory.slope(series[-self.window:])
+        growth = memory.slope(series[-self.window :])
         if growth <= self.threshold_mb_per_epoch:
             return
         if self.report is None:
-            self.report = diagnostics.diagnose(trainer, self._baseline, growth, self.window,
-                                               self.threshold_mb_per_epoch, sample,
-                                               resets=trainer.policies.find(ResetStates) is not None)
+            self.report = diagnostics.diagnose(
+                trainer,
+                self._baseline,
+                growth,
+                self.window,
+                self.threshold_mb_per_epoch,
+                sample,
+                resets=trainer.policies.find(ResetStates) is not None,
+            )
             warnings.warn(self.report["text"], LeakWarning, stacklevel=2)
         if self.rehydrate:
             trainer.rehydrate()

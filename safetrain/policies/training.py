@@ -74,10 +74,12 @@ class RetraceGuard(Policy):
         if event.count <= self.max_traces:
             return
         self.events.append(event)
-        message = (f"The {event.kind} step was traced {event.count} times (RetraceGuard allows {self.max_traces}). "
-                   f"It was compiled for {describe_spec(event.old_spec)} and now received "
-                   f"{describe_spec(event.new_spec)}. Give the data one dtype and structure (dimensions "
-                   "that vary must be None in the dataset's element_spec).")
+        message = (
+            f"The {event.kind} step was traced {event.count} times (RetraceGuard allows {self.max_traces}). "
+            f"It was compiled for {describe_spec(event.old_spec)} and now received "
+            f"{describe_spec(event.new_spec)}. Give the data one dtype and structure (dimensions "
+            "that vary must be None in the dataset's element_spec)."
+        )
         if self.action == "raise":
             raise RetraceError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -111,11 +113,18 @@ class StopOnNaN(Policy):
     def on_nonfinite_loss(self, trainer, epoch, step, logs):
         loss = logs.get("loss", next(iter(logs.values()), float("nan"))) if logs else float("nan")
         global_step = trainer.progress.global_step
-        self.event = {"epoch": epoch, "step": step, "global_step": global_step, "loss": loss,
-                      "rolled_back_to_epoch": None}
+        self.event = {
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "loss": loss,
+            "rolled_back_to_epoch": None,
+        }
         trainer.stop()
-        message = (f"Non-finite loss ({loss}) at epoch index {epoch} (Epoch {epoch + 1}), batch {step} (global "
-                   f"step {global_step}); training stopped")
+        message = (
+            f"Non-finite loss ({loss}) at epoch index {epoch} (Epoch {epoch + 1}), batch {step} (global "
+            f"step {global_step}); training stopped"
+        )
         if self.rollback and self._good is not None:
             good_epoch, snapshot = self._good
             snapshot.restore_values(trainer, metrics=False, counters=False)
@@ -145,8 +154,9 @@ class Checkpoint(Policy):
         # kill it any time; run the same command again and it finishes the same run.
     """
 
-    def __init__(self, directory: str, every_n_epochs: int | None = 1, every_n_batches: int | None = None,
-                 keep: int = 2) -> None:
+    def __init__(
+        self, directory: str, every_n_epochs: int | None = 1, every_n_batches: int | None = None, keep: int = 2
+    ) -> None:
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"`directory` must be a path, got {type(directory).__name__}.")
         self.directory = os.fspath(directory)
@@ -171,8 +181,12 @@ class Checkpoint(Policy):
             path = trainer.save_checkpoint(self.directory, keep=self.keep)
         except OSError as e:
             self.failures.append(f"{type(e).__name__}: {e}")
-            warnings.warn(f"Checkpoint could not be written to {self.directory} ({type(e).__name__}: {e}); the "
-                          "previous checkpoint is intact and training goes on.", CheckpointWarning, stacklevel=2)
+            warnings.warn(
+                f"Checkpoint could not be written to {self.directory} ({type(e).__name__}: {e}); the "
+                "previous checkpoint is intact and training goes on.",
+                CheckpointWarning,
+                stacklevel=2,
+            )
             return None
         finally:
             self.seconds += time.perf_counter() - t0

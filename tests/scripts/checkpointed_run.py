@@ -56,8 +56,9 @@ x = rng.standard_normal((480, 8)).astype("float32")
 y = (x[:, :2].sum(axis=1, keepdims=True) + 0.1 * rng.standard_normal((480, 1))).astype("float32")
 
 keras.utils.set_random_seed(0)
-model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dropout(0.3),
-                          keras.layers.Dense(1)])
+model = keras.Sequential(
+    [keras.Input((8,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dropout(0.3), keras.layers.Dense(1)]
+)
 model.compile(optimizer="adam", loss="mse", metrics=["mae"])
 policies = [] if os.environ.get("NO_CHECKPOINT") else [Checkpoint(ckpt_dir, every_n_batches=7, keep=2)]
 if os.environ.get("RESTART_OVER_MB"):

@@ -15,8 +15,9 @@ def run_script(out, ckpt_dir, env_extra=None, kill_after=None, kill_at_write=Non
 
     Returns the exit code (negative: killed by that signal)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env_extra or {}))
-    proc = subprocess.Popen([sys.executable, SCRIPT, str(out), str(ckpt_dir)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, str(out), str(ckpt_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     marker = os.path.join(os.path.dirname(str(ckpt_dir)), "writing")
     started = os.path.join(os.path.dirname(str(ckpt_dir)), "started")
     if os.path.exists(started):

@@ -12,8 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow as tf  # noqa: E402
 
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
-                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -69,11 +70,15 @@ run("mirrored_spe3", SafeTrainer(in_scope(), steps_per_execution=3))
 # Keras's own mirrored fit on the same data and order, as a second reference.
 keras_model = in_scope()
 keras.utils.set_random_seed(0)
-out["keras_mirrored"] = keras_model.fit(x, y, batch_size=64, epochs=3, shuffle=False,
-                                        validation_data=(vx, vy), verbose=0).history
+out["keras_mirrored"] = keras_model.fit(
+    x, y, batch_size=64, epochs=3, shuffle=False, validation_data=(vx, vy), verbose=0
+).history
 keras.utils.set_random_seed(0)
-out["safe_mirrored_noshuffle"] = SafeTrainer(in_scope()).fit(
-    x, y, batch_size=64, epochs=3, shuffle=False, validation_data=(vx, vy), verbose=0).history
+out["safe_mirrored_noshuffle"] = (
+    SafeTrainer(in_scope())
+    .fit(x, y, batch_size=64, epochs=3, shuffle=False, validation_data=(vx, vy), verbose=0)
+    .history
+)
 
 out["evaluate_single"] = single.evaluate(vx, vy, batch_size=32, verbose=0, return_dict=True)
 out["evaluate_mirrored"] = mirrored.evaluate(vx, vy, batch_size=32, verbose=0, return_dict=True)
@@ -95,8 +100,10 @@ resumed = run("resumed", SafeTrainer(in_scope, strategy=strategy, policies=[Chec
 out["resumed_from"] = os.path.basename(resumed.policies.policies[0].resumed_from or "")
 # A model made outside the scope, or under another strategy, is refused before any step.
 errors = {}
-for name, make, other in (("outside_scope", model, strategy),
-                          ("other_strategy", in_scope, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
+for name, make, other in (
+    ("outside_scope", model, strategy),
+    ("other_strategy", in_scope, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+):
     try:
         SafeTrainer(make(), strategy=other)
         errors[name] = None

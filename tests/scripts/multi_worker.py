@@ -22,8 +22,9 @@ import time
 scenario, workdir = sys.argv[1], sys.argv[2]
 if scenario != "single":
     index, ports = int(sys.argv[3]), sys.argv[4].split(",")
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                                          "task": {"type": "worker", "index": index}})
+    os.environ["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": [f"localhost:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+    )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow as tf  # noqa: E402
@@ -34,8 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import safetrain  # noqa: E402
-from safetrain import Checkpoint, ClearSession, LeakDetector, MemoryBudget, SafeTrainer  # noqa: E402
-from safetrain import distributed, memory  # noqa: E402
+from safetrain import Checkpoint, ClearSession, LeakDetector, MemoryBudget, SafeTrainer, distributed, memory  # noqa: E402  # noqa: E402
 
 rng = np.random.default_rng(0)
 x = rng.standard_normal((512, 8)).astype("float32")
@@ -60,8 +60,10 @@ def train_run(folder):
     os.makedirs(folder, exist_ok=True)
     ckpt = Checkpoint(os.path.join(folder, "ckpt"))
     trainer = SafeTrainer(factory, strategy=strategy, policies=[ckpt])
-    callbacks = [keras.callbacks.CSVLogger(os.path.join(folder, "log.csv")),
-                 keras.callbacks.ModelCheckpoint(os.path.join(folder, "model.keras"))]
+    callbacks = [
+        keras.callbacks.CSVLogger(os.path.join(folder, "log.csv")),
+        keras.callbacks.ModelCheckpoint(os.path.join(folder, "model.keras")),
+    ]
     history = fit(trainer, verbose=1, callbacks=callbacks)
     return trainer, history, {"written": [os.path.basename(p) for p in ckpt.written]}
 
@@ -70,9 +72,15 @@ def resumable_run(folder, epochs):
     ckpt = Checkpoint(os.path.join(folder, "ckpt"))
     trainer = SafeTrainer(factory, strategy=strategy, policies=[ckpt, ClearSession()])
     history = fit(trainer, epochs=epochs)
-    return trainer, history, {"resumed_from": os.path.basename(ckpt.resumed_from or ""),
-                              "rehydrations": trainer.rehydrations,
-                              "variable_type": type(trainer.model.trainable_variables[0].value).__name__}
+    return (
+        trainer,
+        history,
+        {
+            "resumed_from": os.path.basename(ckpt.resumed_from or ""),
+            "rehydrations": trainer.rehydrations,
+            "variable_type": type(trainer.model.trainable_variables[0].value).__name__,
+        },
+    )
 
 
 def memory_run(worker):
@@ -88,11 +96,17 @@ def memory_run(worker):
     detector = LeakDetector(window=3, threshold_mb_per_epoch=10)
     trainer.policies = safetrain.policies.PolicyList([detector, MemoryBudget(budget, action="stop")])
     history = fit(trainer, epochs=12, callbacks=[Leak()] if worker == 1 else [])
-    return trainer, history, {
-        "budget": budget, "own_rss_mb": memory.rss_mb(),
-        "leak_report": None if detector.report is None else detector.report["slope_mb_per_epoch"],
-        "worker_rss_mb": [list(s.worker_rss_mb or ()) for s in trainer.memory],
-        "rss_series": trainer.memory.series("rss_mb")}
+    return (
+        trainer,
+        history,
+        {
+            "budget": budget,
+            "own_rss_mb": memory.rss_mb(),
+            "leak_report": None if detector.report is None else detector.report["slope_mb_per_epoch"],
+            "worker_rss_mb": [list(s.worker_rss_mb or ()) for s in trainer.memory],
+            "rss_series": trainer.memory.series("rss_mb"),
+        },
+    )
 
 
 def die_run(worker):
@@ -112,8 +126,7 @@ def die_run(worker):
     return result
 
 
-out = {"worker": 0 if strategy is None else distributed.worker_index(strategy),
-       "chief": distributed.is_chief(strategy)}
+out = {"worker": 0 if strategy is None else distributed.worker_index(strategy), "chief": distributed.is_chief(strategy)}
 # Steps joined by "+" run one after another in the same processes (one cluster start-up for several).
 for step in scenario.split("+"):
     t0 = time.perf_counter()
@@ -131,7 +144,11 @@ for step in scenario.split("+"):
         trainer, history, extra = memory_run(out["worker"])
     else:
         raise SystemExit(f"unknown scenario {step!r}")
-    out[step] = dict(extra, history={k: v for k, v in history.items()},
-                     weights=[w.tolist() for w in trainer.model.get_weights()], traces=dict(trainer.trace_counts),
-                     seconds=time.perf_counter() - t0)
+    out[step] = dict(
+        extra,
+        history={k: v for k, v in history.items()},
+        weights=[w.tolist() for w in trainer.model.get_weights()],
+        traces=dict(trainer.trace_counts),
+        seconds=time.perf_counter() - t0,
+    )
 print("RESULT " + json.dumps(out), flush=True)
