@@ -62,8 +62,8 @@ class Events:
         for cb in self.per_chunk[kind]:
             getattr(cb, f"on_{kind}_batch_end")(last_step, logs)
 
-    def steps_done(self, steps: int) -> None:
-        """Training steps ran: the policies that asked to see this global step do."""
+    def train_steps_done(self) -> None:
+        """Training steps ran: the policies that asked to see this global step hear it."""
         policies = self.trainer.policies
         if policies.wants_batches:
             policies.on_batch_end(self.trainer, self.trainer.progress.global_step)

@@ -7,8 +7,10 @@ Callbacks, policies and the progress bar (an ordinary callback) all hear the sam
 epoch or a run ends is an exception (`StopPass`, `StopTraining`) caught in one place, not flags threaded
 through the loop. The trainer is read afresh after every stage: a policy may have re-hydrated its model.
 
-Example:
-    >>> Loop(trainer).fit(train_batches, val_batches, epochs=3, callbacks=callbacks, ...)
+Example (what `SafeTrainer.fit` does once its arguments are checked):
+    >>> loop = Loop(trainer, callbacks, verbose=0, epochs=3, steps=train.num_batches, add_history=True)
+    >>> history = loop.fit(train, val, epochs=3, initial_epoch=0, steps_per_epoch=None, validation_steps=None,
+    ...                    validation_freq=1)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from safetrain.events import Events
 from safetrain.graph_loops import ChunkSizer
 from safetrain.progress import ProgressBar
 
-__all__ = ["Loop", "Events", "catch_stop", "concat"]
+__all__ = ["Loop", "catch_stop", "concat"]
 
 # What a failing step raises when its data (or the model on that data) is at fault; named by `step_error`.
 _STEP_FAILURES = (
@@ -89,6 +91,7 @@ class Loop:
         )
         self.events = Events(trainer, self.callbacks)
         self.last_logs = None  # the last step's logs of the pass running (train and test)
+        self._chunk_sizers: dict[str, ChunkSizer] = {}
 
     # -- fit --------------------------------------------------------------------------------------------------
     def fit(
@@ -223,17 +226,26 @@ class Loop:
 
     # -- one pass, chunk by chunk --------------------------------------------------------------------------
     def chunk_sizer(self, kind: str) -> ChunkSizer:
-        """Steps per compiled call for a pass of `kind`: one when a callback needs every step (as Keras)."""
+        """Steps per compiled call for passes of `kind`: one when a callback needs every step (as Keras).
+
+        One sizer per kind for the whole run, so that "auto" keeps the size it learned from epoch to epoch.
+        """
+        sizer = self._chunk_sizers.get(kind)
+        if sizer is not None:
+            return sizer
         trainer = self.trainer
-        if self.events.per_step[kind] and trainer.steps_per_execution == "auto":
-            return ChunkSizer(1)
         agree = None
         if distributed.is_multi_worker(trainer.strategy):  # every worker must run the same chunks
 
             def agree(size: int) -> int:
                 return int(distributed.min_across_workers(trainer.strategy, size))
 
-        return ChunkSizer(trainer.steps_per_execution, agree=agree)
+        if self.events.per_step[kind] and trainer.steps_per_execution == "auto":
+            sizer = ChunkSizer(1)
+        else:
+            sizer = ChunkSizer(trainer.steps_per_execution, agree=agree)
+        self._chunk_sizers[kind] = sizer
+        return sizer
 
     def run_pass(self, kind: str, data: EpochIterator, chunks: ChunkSizer, on_output: Callable | None = None):
         """Run chunks of `kind` until the data ends or something stops the pass; returns the last logs."""
@@ -292,7 +304,7 @@ class Loop:
                 trainer.progress.global_step += ran
                 if nonfinite:
                     events.nonfinite(trainer.progress.epoch, last, logs)
-                events.steps_done(ran)
+                events.train_steps_done()
         if ran < n or _stopped(trainer.model, kind):
             raise StopPass
 
