@@ -28,7 +28,7 @@ from keras.utils import PyDataset, unpack_x_y_sample_weight
 
 from safetrain._compat import array_slicing, can_convert_arrays, data_adapter_utils, get_data_adapter
 
-__all__ = ["Batches", "as_batches", "relax_spec", "split_validation", "describe_spec"]
+__all__ = ["Batches", "as_batches", "as_tensors", "relax_spec", "split_validation", "describe_spec"]
 
 _ACCEPTED = (
     "NumPy arrays or tensors (or lists/tuples/dicts of them), a tf.data.Dataset, "
@@ -194,7 +194,7 @@ class Batches:
             self._adapter.on_epoch_end()
 
 
-def _class_weight_to_sample_weight(y, class_weight: dict) -> np.ndarray:
+def class_weight_to_sample_weight(y, class_weight: dict) -> np.ndarray:
     y_np = np.asarray(keras.ops.convert_to_numpy(y))
     if y_np.ndim > 1:
         y_np = np.argmax(y_np, axis=-1) if y_np.shape[-1] != 1 else np.squeeze(y_np, axis=-1)
@@ -248,14 +248,10 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
     if n == 0:
         raise ValueError(f"{what}: `x` is empty (0 samples); there is nothing to iterate over.")
     if class_weight is not None:
-        sample_weight = _class_weight_to_sample_weight(y, class_weight)
-    inputs = data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight)
-    inputs = tree.map_structure(_strings_as_tensors, inputs)
+        sample_weight = class_weight_to_sample_weight(y, class_weight)
     if not batch_size:
         batch_size = int(math.ceil(n / steps)) if steps else 32
-    arrays = tree.lists_to_tuples(array_slicing.convert_to_sliceable(inputs, target_backend="tensorflow"))
-    arrays = tree.traverse(_to_tensor, arrays)
-    spec = tree.traverse(lambda a: None if isinstance(a, (list, tuple, dict)) else _array_spec(a), arrays)
+    arrays, spec = as_tensors(x, y, sample_weight)
     if shuffle not in (True, False, "batch"):
         raise ValueError(f"`shuffle` must be True, False or 'batch', got {shuffle!r}.")
     return Batches(
@@ -268,6 +264,42 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         shuffle=shuffle,
         seed=seed,
     )
+
+
+def as_tensors(x, y=None, sample_weight=None):
+    """`(x, y, sample_weight)` packed as Keras packs it (Nones dropped) and converted as `fit` converts arrays
+    (floats to `floatx`, strings to `tf.string`); returns `(tensors, element spec)`.
+
+    Example:
+        >>> data, spec = as_tensors(np.zeros((4, 3)), np.zeros((4, 1)))
+        >>> spec
+        (TensorSpec(shape=(4, 3), dtype=tf.float32, name=None), TensorSpec(shape=(4, 1), ...))
+    """
+    inputs = data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight)
+    if all(_plain(a) for a in tree.flatten(inputs)):
+        # Numeric NumPy arrays and dense tensors (the usual one batch of `train_on_batch`): converted
+        # directly, as Keras's slicing converts them (floats to floatx), at a fraction of its cost per call.
+        arrays = tree.lists_to_tuples(tree.map_structure(_plain_tensor, inputs))
+        return arrays, tree.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), arrays)
+    inputs = tree.map_structure(_strings_as_tensors, inputs)
+    arrays = tree.lists_to_tuples(array_slicing.convert_to_sliceable(inputs, target_backend="tensorflow"))
+    arrays = tree.traverse(_to_tensor, arrays)
+    spec = tree.traverse(lambda a: None if isinstance(a, (list, tuple, dict)) else _array_spec(a), arrays)
+    return arrays, spec
+
+
+def _plain(a) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype.kind in "biuf"
+    return isinstance(a, tf.Tensor) and a.dtype != tf.string
+
+
+def _plain_tensor(a) -> tf.Tensor:
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.dtype != backend.floatx():
+        a = a.astype(backend.floatx())
+    elif isinstance(a, tf.Tensor) and a.dtype.is_floating and a.dtype != backend.floatx():
+        a = tf.cast(a, backend.floatx())
+    return tf.convert_to_tensor(a)
 
 
 def _strings_as_tensors(a):

@@ -28,6 +28,7 @@ from safetrain.checks import check_data, check_fit_arguments, check_int, reject_
 from safetrain.errors import ConfigurationError
 from safetrain.loop import Loop, concat
 from safetrain.microbatch import Microbatches
+from safetrain.on_batch import OnBatch
 from safetrain.policies import Policy, PolicyList
 from safetrain.state import TrainingProgress
 from safetrain.steps import Steps
@@ -71,7 +72,7 @@ def _compile_with_overrides(model: keras.Model, strategy, optimizer, loss, metri
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False, **kwargs)
 
 
-class SafeTrainer(StepSurface, TrainerActions):
+class SafeTrainer(StepSurface, TrainerActions, OnBatch):
     """Train a Keras model with one compiled step per kind, memory telemetry and policies.
 
     Args:

@@ -76,3 +76,20 @@ def test_soak_benchmark_runs(tmp_path):
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["soak"]["epochs"] == 12 and data["soak"]["rehydrations"] == 1
     assert data["soak"]["most_folders"] <= 2
+
+
+def test_on_batch_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "b.json"
+    cmd = [sys.executable, "benchmarks/on_batch.py", "--calls", "5", "--rounds", "1", "--memory-calls", "50"]
+    result = subprocess.run(
+        [*cmd, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| train_on_batch |" in result.stdout and "| predict_on_batch |" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["traces"] == {"train": 1, "test": 1, "predict": 1}

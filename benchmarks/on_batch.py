@@ -1,0 +1,86 @@
+"""Per-call time of `train_on_batch`, `test_on_batch` and `predict_on_batch`: SafeTrainer against Keras's own
+methods on the same model, alternated in one process; and RSS over many `train_on_batch` calls.
+
+    python benchmarks/on_batch.py                       # 5 rounds of 300 calls each, then 10,000 calls
+    python benchmarks/on_batch.py --calls 50 --rounds 2 --memory-calls 500 --json results/on_batch.json
+
+Model: Dense 16-64-4, batches of one row (where the per-call set-up dominates). Each figure is the median
+over rounds of the mean time per call. Target (issue 11): SafeTrainer within 1.1x of Keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from safetrain import SafeTrainer, memory  # noqa: E402
+
+
+def build() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(4)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=300, help="calls per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--memory-calls", type=int, default=10000)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    x = np.random.default_rng(0).standard_normal((1, 16)).astype("float32")
+    y = np.zeros((1, 4), "float32")
+    model, trainer = build(), SafeTrainer(build())
+    cases = {
+        "train_on_batch": (lambda: model.train_on_batch(x, y), lambda: trainer.train_on_batch(x, y)),
+        "test_on_batch": (lambda: model.test_on_batch(x, y), lambda: trainer.test_on_batch(x, y)),
+        "predict_on_batch": (lambda: model.predict_on_batch(x), lambda: trainer.predict_on_batch(x)),
+    }
+    rows = []
+    for name, (keras_call, safe_call) in cases.items():
+        for f in (keras_call, safe_call):  # trace and warm up
+            f()
+            f()
+        times: dict[str, list[float]] = {"keras": [], "safetrain": []}
+        for _ in range(args.rounds):
+            for runner, f in (("keras", keras_call), ("safetrain", safe_call)):
+                t0 = time.perf_counter()
+                for _ in range(args.calls):
+                    f()
+                times[runner].append((time.perf_counter() - t0) / args.calls * 1000)
+        k, s = statistics.median(times["keras"]), statistics.median(times["safetrain"])
+        rows.append({"method": name, "keras_ms": k, "safetrain_ms": s, "ratio": s / k})
+    rss = []
+    every = max(1, args.memory_calls // 10)
+    for i in range(args.memory_calls):
+        trainer.train_on_batch(x, y)
+        if (i + 1) % every == 0:
+            rss.append(memory.rss_mb())
+    growth = memory.slope(rss[3:]) / every * 1000 if len(rss) > 4 else float("nan")
+    print("| method | Keras ms/call | SafeTrainer ms/call | ratio | target <= 1.1 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        met = "yes" if r["ratio"] <= 1.1 else "NO"
+        print(f"| {r['method']} | {r['keras_ms']:.3f} | {r['safetrain_ms']:.3f} | {r['ratio']:.2f} | {met} |")
+    print(
+        f"\nRSS over {args.memory_calls} train_on_batch calls: {rss[0]:.1f} -> {rss[-1]:.1f} MiB, "
+        f"slope {growth:+.3f} MiB per 1000 calls after the first 3 samples; traces {trainer.trace_counts}"
+    )
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "rss_mb": rss, "traces": trainer.trace_counts}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
