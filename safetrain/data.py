@@ -26,9 +26,10 @@ import tensorflow as tf
 from keras import backend, tree
 from keras.utils import PyDataset, unpack_x_y_sample_weight
 
-from safetrain._compat import array_slicing, can_convert_arrays, data_adapter_utils, get_data_adapter
+from safetrain._compat import array_slicing, can_convert_arrays, get_data_adapter
+from safetrain.tensors import as_tensors
 
-__all__ = ["Batches", "as_batches", "as_tensors", "relax_spec", "split_validation", "describe_spec"]
+__all__ = ["Batches", "as_batches", "relax_spec", "split_validation", "describe_spec"]
 
 _ACCEPTED = (
     "NumPy arrays or tensors (or lists/tuples/dicts of them), a tf.data.Dataset, "
@@ -264,70 +265,6 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         shuffle=shuffle,
         seed=seed,
     )
-
-
-def as_tensors(x, y=None, sample_weight=None):
-    """`(x, y, sample_weight)` packed as Keras packs it (Nones dropped) and converted as `fit` converts arrays
-    (floats to `floatx`, strings to `tf.string`); returns `(tensors, element spec)`.
-
-    Example:
-        >>> data, spec = as_tensors(np.zeros((4, 3)), np.zeros((4, 1)))
-        >>> spec
-        (TensorSpec(shape=(4, 3), dtype=tf.float32, name=None), TensorSpec(shape=(4, 1), ...))
-    """
-    inputs = data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight)
-    if all(_plain(a) for a in tree.flatten(inputs)):
-        # Numeric NumPy arrays and dense tensors (the usual one batch of `train_on_batch`): converted
-        # directly, as Keras's slicing converts them (floats to floatx), at a fraction of its cost per call.
-        arrays = tree.lists_to_tuples(tree.map_structure(_plain_tensor, inputs))
-        return arrays, tree.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), arrays)
-    inputs = tree.map_structure(_strings_as_tensors, inputs)
-    arrays = tree.lists_to_tuples(array_slicing.convert_to_sliceable(inputs, target_backend="tensorflow"))
-    arrays = tree.traverse(_to_tensor, arrays)
-    spec = tree.traverse(lambda a: None if isinstance(a, (list, tuple, dict)) else _array_spec(a), arrays)
-    return arrays, spec
-
-
-def _plain(a) -> bool:
-    if isinstance(a, np.ndarray):
-        return a.dtype.kind in "biuf"
-    return isinstance(a, tf.Tensor) and a.dtype != tf.string
-
-
-def _plain_tensor(a) -> tf.Tensor:
-    if isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.dtype != backend.floatx():
-        a = a.astype(backend.floatx())
-    elif isinstance(a, tf.Tensor) and a.dtype.is_floating and a.dtype != backend.floatx():
-        a = tf.cast(a, backend.floatx())
-    return tf.convert_to_tensor(a)
-
-
-def _strings_as_tensors(a):
-    # Keras's array conversion rejects NumPy unicode/bytes arrays; as tf.string they batch like any array.
-    if isinstance(a, np.ndarray) and a.dtype.kind in ("U", "S"):
-        return tf.constant(a.astype(object if a.dtype.kind == "U" else a.dtype), dtype=tf.string)
-    return a
-
-
-def _to_tensor(a):
-    """`tree.traverse` function: leaves become tensors (sparse wrappers kept), containers are entered."""
-    if isinstance(a, (list, tuple, dict)) and not isinstance(a, array_slicing.TensorflowSparseWrapper):
-        return None
-    if a is None or isinstance(a, array_slicing.TensorflowSparseWrapper) or tf.is_tensor(a):
-        return a
-    a = np.asarray(a)
-    return tf.convert_to_tensor(a, dtype=tf.string if a.dtype == object else None)
-
-
-def _array_spec(a):
-    if isinstance(a, array_slicing.TensorflowSparseWrapper):
-        return tf.SparseTensorSpec([None] + a.sparse.shape.as_list()[1:], a.sparse.dtype)
-    if isinstance(a, tf.RaggedTensor):
-        return tf.RaggedTensorSpec.from_value(a)
-    if tf.is_tensor(a):
-        return tf.TensorSpec(a.shape, a.dtype)
-    a = np.asarray(a)
-    return tf.TensorSpec(a.shape, tf.as_dtype(a.dtype) if a.dtype != object else tf.string)
 
 
 def as_batches(

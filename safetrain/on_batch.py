@@ -17,7 +17,8 @@ import tensorflow as tf
 from keras import tree
 
 from safetrain import _compat
-from safetrain.data import as_tensors, class_weight_to_sample_weight, relax_spec
+from safetrain.data import class_weight_to_sample_weight, relax_spec
+from safetrain.tensors import as_tensors
 
 if TYPE_CHECKING:
     import keras
