@@ -8,25 +8,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
-    out = tmp_path / "t.json"
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python benchmarks/<script> <args>` from the repository root; fails the test on a non-zero exit."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/throughput.py",
-            "--problems",
-            "mlp",
-            "--reps",
-            "1",
-            "--epochs",
-            "2",
-            "--samples",
-            "320",
-            "--variants",
-            "fit,safe,floor",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -34,62 +19,36 @@ def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_throughput_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "t.json"
+    result = run_benchmark(
+        "throughput.py", "--problems", "mlp", "--reps", "1", "--epochs", "2", "--samples", "320",
+        "--variants", "fit,safe,floor", "--json", str(out),
+    )  # fmt: skip
     assert "| mlp | safe/fit |" in result.stdout and "| mlp | safe/floor |" in result.stdout
     data = json.loads(out.read_text())
     assert set(data["results"][0]["median"]) == {"fit", "safe", "floor"}
 
 
 def test_memory_benchmark_times_rehydration(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "benchmarks/memory.py", "--only", "r", "--json", str(tmp_path / "m.json"), "--png", ""],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_benchmark("memory.py", "--only", "r", "--json", str(tmp_path / "m.json"), "--png", "")
     assert "Re-hydration of a 1,050,625-parameter model: median" in result.stdout
 
 
 def test_soak_benchmark_runs(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/soak.py",
-            "--epochs",
-            "12",
-            "--overhead-runs",
-            "0",
-            "--trials",
-            "0",
-            "--json",
-            str(tmp_path / "s.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads((tmp_path / "s.json").read_text())
+    out = tmp_path / "s.json"
+    run_benchmark("soak.py", "--epochs", "12", "--overhead-runs", "0", "--trials", "0", "--json", str(out))
+    data = json.loads(out.read_text())
     assert data["soak"]["epochs"] == 12 and data["soak"]["rehydrations"] == 1
     assert data["soak"]["most_folders"] <= 2
 
 
 def test_on_batch_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "b.json"
-    cmd = [sys.executable, "benchmarks/on_batch.py", "--calls", "5", "--rounds", "1", "--memory-calls", "50"]
-    result = subprocess.run(
-        [*cmd, "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_benchmark("on_batch.py", "--calls", "5", "--rounds", "1", "--memory-calls", "50", "--json", str(out))
     assert "| train_on_batch |" in result.stdout and "| predict_on_batch |" in result.stdout
     data = json.loads(out.read_text())
     assert data["traces"] == {"train": 1, "test": 1, "predict": 1}
