@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from safetrain.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    # The demo is our own program: keep TensorFlow's start-up INFO lines out of its output (importing the
+    # library itself leaves the environment alone).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog="safetrain", description="Memory-safe training for Keras 3.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
