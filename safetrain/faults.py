@@ -13,7 +13,8 @@ any variable changes, and fails with `MemoryError`, which TensorFlow raises as t
 from __future__ import annotations
 
 import tensorflow as tf
-from keras import tree
+
+from safetrain.microbatch import first_tensor
 
 __all__ = ["simulate_oom_above", "MARKER"]
 
@@ -50,7 +51,7 @@ def simulate_oom_above(trainer, max_batch_size: int | None) -> None:
             loss = compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
             if not training:
                 return loss
-            size = tf.shape(next(t for t in tree.flatten(x) if t is not None))[0]
+            size = tf.shape(first_tensor(x))[0]
             # Multiplied, not added: the gradients then depend on the check, so it runs before any update.
             return loss * (1.0 + tf.cast(_check(size, max_batch_size), loss.dtype))
 
