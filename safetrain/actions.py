@@ -74,9 +74,9 @@ class TrainerActions:
     def load_progress(self, state: Mapping[str, Any]) -> None:
         """Take counters from a snapshot or checkpoint (`TrainingProgress.state_dict()` keys), with their
         effects: the microbatch size in use, the shuffle seed of the training data."""
-        size = state.get("microbatch_size")
+        size, current = state.get("microbatch_size"), self.progress.microbatch_size
         self.progress.load_state_dict({k: v for k, v in state.items() if k != "position"})
-        if size and size != self.microbatches.size:
+        if size and size != current:
             self.set_microbatch_size(int(size))
         if self.train_batches is not None and self.progress.data_seed is not None:
             self.train_batches.seed = self.progress.data_seed

@@ -25,22 +25,20 @@ def first_tensor(x):
 
 
 class Microbatches:
-    """The microbatch size of a trainer's train step (None: whole batches) and the step that applies it."""
+    """The variable holding a train step's microbatch size, and the step that applies it. The size itself is
+    `trainer.progress.microbatch_size` (None: whole batches)."""
 
     def __init__(self) -> None:
-        self.size: int | None = None
         self._variable: tf.Variable | None = None
 
     def set_size(self, size: int) -> bool:
         """Use microbatches of `size` samples from the next step on; True when the step must be rebuilt
-        (the first switch from whole batches)."""
+        (the first switch from whole batches, which makes the variable)."""
         if self._variable is None:
             self._variable = tf.Variable(size, dtype=tf.int32, trainable=False, name="safetrain_microbatch")
-        else:
-            self._variable.assign(size)
-        rebuild = self.size is None
-        self.size = int(size)
-        return rebuild
+            return True
+        self._variable.assign(size)
+        return False
 
     def train_step(self, trainer, data) -> dict:
         """`trainer.train_step` on microbatches: gradients of each slice, weighted by its share of the batch,

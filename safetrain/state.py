@@ -79,6 +79,3 @@ class TrainingProgress:
             position = state["position"]
             self.position = None if position is None else DataPosition.from_state_dict(position)
         return self
-
-    def copy(self) -> TrainingProgress:
-        return dataclasses.replace(self, position=None if self.position is None else dataclasses.replace(self.position))

@@ -366,7 +366,3 @@ class Steps:
     @property
     def released_gradient_entries(self) -> int:
         return sum(s.released_gradient_entries for s in self.kinds.values())
-
-    def run(self, kind: str, iterator, n: int, spec=None, exact: bool = False):
-        """`self[kind].run(...)`: up to `n` steps of `kind`; returns `(steps_run, outputs)`."""
-        return self.kinds[kind].run(iterator, n, spec, exact)
