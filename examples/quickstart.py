@@ -1,4 +1,4 @@
-"""Drop-in replacement for model.fit: the same arguments, callbacks and History, plus memory telemetry."""
+"""Drop-in replacement for model.fit: the same arguments, callbacks and History; memory in `trainer.memory`."""
 
 import keras
 import numpy as np
@@ -26,7 +26,7 @@ history = trainer.fit(
 )
 
 print("val_loss per epoch:", [round(v, 4) for v in history.history["val_loss"]])
-print("rss_mb per epoch:  ", [round(v, 1) for v in history.history["rss_mb"]])
+print("rss_mb per epoch:  ", [round(v, 1) for v in trainer.memory.series("rss_mb")])
 print("trace counts:", trainer.trace_counts)  # {'train': 1, 'test': 1, 'predict': 0}
 print("test loss, mae:", trainer.evaluate(x[:500], y[:500], verbose=0))
 print("predictions:", trainer.predict(x[:3], verbose=0).ravel())

@@ -167,12 +167,12 @@ class Loop:
     def epoch_end(self, epoch: int, logs: dict) -> dict:
         trainer = self.trainer
         logs = _compat.pythonify_logs(logs)
-        if trainer.progress.microbatch_size is not None:
-            logs["microbatch_size"] = trainer.progress.microbatch_size
         sample = trainer.sample_memory(epoch)
         trainer.memory.append(sample)
         if trainer.memory_logs:
             logs.update(sample.as_logs())
+            if trainer.progress.microbatch_size is not None:
+                logs["microbatch_size"] = trainer.progress.microbatch_size
         self.events.epoch_end(epoch, logs, sample)
         return logs
 

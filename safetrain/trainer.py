@@ -86,8 +86,10 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         steps_per_execution: steps per compiled call: an int as in Keras, or "auto" (the default): many
             steps per call when no callback needs per-batch hooks, one per call otherwise.
         jit_compile: compile the steps with XLA.
-        memory_logs: add `rss_mb` (and `device_mb`, `device_peak_mb` on GPU) to every epoch's logs, so that
-            History, CSVLogger and TensorBoard record them. `trainer.memory` is kept either way.
+        memory_logs: also put the memory telemetry into every epoch's logs: `rss_mb` (and `device_mb`,
+            `device_peak_mb` on GPU, `microbatch_size` once microbatching is on), so that History, CSVLogger
+            and TensorBoard record them. Off by default: logs and History then carry exactly the keys
+            `model.fit` gives. `trainer.memory`, the progress bar and the policies see memory either way.
         custom_objects: classes and functions re-hydration needs to rebuild the model from its config (as
             for `keras.models.load_model`); the classes of the model's own layers are found automatically.
         microbatch_size: split every training batch into microbatches of this many samples and accumulate
@@ -102,7 +104,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
     Example:
         >>> model.compile(optimizer="adam", loss="mse", metrics=["mae"])
         >>> history = SafeTrainer(model).fit(x, y, epochs=5, validation_split=0.2)
-        >>> history.history["rss_mb"]          # resident memory after each epoch
+        >>> trainer.memory.series("rss_mb")    # resident memory after each epoch
         >>> trainer.trace_counts               # {'train': 1, 'test': 1, 'predict': 0}
     """
 
@@ -117,7 +119,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         strategy: tf.distribute.Strategy | None = None,
         steps_per_execution: int | str = "auto",
         jit_compile: bool = False,
-        memory_logs: bool = True,
+        memory_logs: bool = False,
         custom_objects: Mapping[str, Any] | None = None,
         microbatch_size: int | None = None,
         oom_recovery: bool = True,
@@ -234,8 +236,9 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
     ) -> keras.callbacks.History:
         """Train for `epochs` epochs, with the arguments and semantics of `keras.Model.fit`.
 
-        Returns the `keras.callbacks.History`; every epoch's logs also carry `rss_mb` (and `device_mb`,
-        `device_peak_mb` on GPU). Bad arguments raise `ValueError`/`TypeError` before any step runs.
+        Returns the `keras.callbacks.History`, with the keys `model.fit` gives (plus `rss_mb` etc. with
+        `memory_logs=True`); memory after each epoch is in `trainer.memory`. Bad arguments raise
+        `ValueError`/`TypeError` before any step runs.
 
         Example:
             >>> history = SafeTrainer(model).fit(x, y, batch_size=64, epochs=10, validation_split=0.1,

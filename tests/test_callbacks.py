@@ -92,7 +92,7 @@ def test_model_checkpoint_save_best_only_writes_the_best_model(tmp_path, suffix)
 def test_csv_logger_and_tensorboard_record_memory(tmp_path):
     csv_path = tmp_path / "log.csv"
     tb_dir = tmp_path / "tb"
-    SafeTrainer(make_mlp()).fit(
+    SafeTrainer(make_mlp(), memory_logs=True).fit(
         x,
         y,
         epochs=3,

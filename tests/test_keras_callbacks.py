@@ -19,20 +19,12 @@ ROUTED = {"fit": 0}
 KNOWN_GAPS: dict[str, str] = {}
 
 
-# These suites assert the exact set of logged keys (CSV columns, TensorBoard tags), which the memory
-# telemetry extends by design; for them the routed fit turns the extra keys off so every other assertion
-# still runs. tests/test_callbacks.py checks that the keys do reach CSVLogger and TensorBoard.
-ENUMERATE_EVERY_KEY = {"CSVLoggerTest", "TestTensorBoardV2"}
-
-
 @pytest.fixture(autouse=True)
-def fit_through_safetrainer(monkeypatch, request):
-    memory_logs = request.cls is None or request.cls.__name__ not in ENUMERATE_EVERY_KEY
-
+def fit_through_safetrainer(monkeypatch):
     def fit(self, *args, **kwargs):
         ROUTED["fit"] += 1
         # What a user switching over writes: keep the model's XLA setting (Keras tests compile with it).
-        trainer = SafeTrainer(self, jit_compile=bool(self.jit_compile), memory_logs=memory_logs)
+        trainer = SafeTrainer(self, jit_compile=bool(self.jit_compile))
         return trainer.fit(*args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", fit)

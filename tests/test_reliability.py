@@ -62,7 +62,7 @@ def test_microbatches_give_the_full_batch_update_up_to_summation_order():
 
 
 def test_oom_on_the_first_batch_halves_until_it_fits_and_matches_that_size_from_the_start():
-    trainer = SafeTrainer(build())
+    trainer = SafeTrainer(build(), memory_logs=True)
     faults.simulate_oom_above(trainer, 8)
     with pytest.warns(
         OutOfMemoryWarning,

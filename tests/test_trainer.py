@@ -227,7 +227,7 @@ def test_evaluate_returns_a_list_or_scalar_or_dict_like_keras():
 
 def test_memory_telemetry_lands_in_history_and_trainer_memory():
     x, y = regression_data(n=32)
-    trainer = SafeTrainer(make_mlp())
+    trainer = SafeTrainer(make_mlp(), memory_logs=True)
     history = trainer.fit(x, y, epochs=4, verbose=0)
     rss = history.history["rss_mb"]
     assert len(rss) == 4 and all(r > 50 for r in rss)
