@@ -41,6 +41,8 @@ __all__ = [
     "can_convert_arrays",
     "pythonify_logs",
     "gradient_registry",
+    "tf_global_seed",
+    "function_op_seeds",
     "clear_kernel_cache",
     "compute_output_spec",
     "global_seed_state",
@@ -102,6 +104,26 @@ def custom_gradients_of(graph) -> set[str]:
             if sub is not None and type(sub).__name__ in _CONTROL_FLOW_GRAPHS:
                 pending.append(sub)
     return names
+
+
+def tf_global_seed() -> int | None:
+    """The seed `tf.random.set_seed` (or `keras.utils.set_random_seed`) set, None if none; read without
+    drawing from TensorFlow's op-seed counter (`tf.compat.v1.get_seed` would draw, changing later ops)."""
+    from tensorflow.python.eager import context
+
+    return context.global_seed()
+
+
+def function_op_seeds(global_seed: int) -> tuple[int, int]:
+    """The (seed, seed2) TensorFlow gives the first unseeded random op traced in a `tf.function` or
+    `tf.data` function under the global seed `global_seed` (op seeds count from 0 per graph).
+
+    Keras's array adapter shuffles with `tf.random.shuffle` in such a function; with these seeds the
+    same permutation can be made without setting the global seed (tested against Keras's adapter).
+    """
+    maxint32 = 2**31 - 1
+    seeds = (global_seed % maxint32, 0)
+    return (0, maxint32) if seeds == (0, 0) else seeds
 
 
 def current_graph():

@@ -80,6 +80,7 @@ class TrainerActions:
             self.set_microbatch_size(int(size))
         if self.train_batches is not None and self.progress.data_seed is not None:
             self.train_batches.seed = self.progress.data_seed
+            self.train_batches.keras_order = self.progress.keras_order
 
     def check_rehydratable(self) -> None:
         """Raise `ConfigurationError` now (before training) if `rehydrate()` could not rebuild the model."""

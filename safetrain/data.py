@@ -1,9 +1,11 @@
 """Turn what users pass to `fit` into one batched, prefetched `tf.data` pipeline with a fixed element spec.
 
 Arrays (NumPy, tensors, pandas; nested in lists, tuples or dicts) get safetrain's own pipeline: it is the
-same gather-by-index pipeline Keras uses, except that the shuffle order of epoch `e` is a pure function of
-`(seed, e)`, so a run can be re-created exactly (re-hydration, resume). Datasets, generators and
-`keras.utils.PyDataset` go through Keras's own data adapters, so they behave as they do in `model.fit`.
+same gather-by-index pipeline Keras uses, and the shuffle order of epoch `e` is a pure function of its seed
+and `e`, so a run can be re-created exactly (re-hydration, resume): under a TensorFlow global seed (as
+`keras.utils.set_random_seed` sets) it is the order `model.fit` uses, otherwise one drawn from `(seed, e)`.
+Datasets, generators and `keras.utils.PyDataset` go through Keras's own data adapters, so they behave as
+they do in `model.fit`.
 
 Example:
     >>> batches = safetrain.data.as_batches(x, y, batch_size=32, shuffle=True, seed=0)
@@ -15,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import math
-import random
 import types
 import warnings
 from typing import Any
@@ -26,6 +27,7 @@ import tensorflow as tf
 from keras import backend, tree
 from keras.utils import PyDataset, unpack_x_y_sample_weight
 
+from safetrain import _compat
 from safetrain._compat import array_slicing, can_convert_arrays, get_data_adapter
 from safetrain.tensors import as_tensors
 
@@ -121,6 +123,7 @@ class Batches:
         batch_size: int | None = None,
         shuffle: bool | str = False,
         seed: int = 0,
+        keras_order: bool = False,
     ) -> None:
         self.kind = kind
         self.element_spec = element_spec
@@ -129,6 +132,9 @@ class Batches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        #: True: `seed` is a TensorFlow global seed and the order is the one `model.fit` uses under it.
+        self.keras_order = keras_order
+        self._keras_orders: dict = {}
         self._adapter = adapter
         self._dataset = dataset
         self._arrays = arrays
@@ -141,11 +147,21 @@ class Batches:
         return self._dataset
 
     def order(self, epoch: int) -> np.ndarray:
-        """Sample order of epoch `epoch` for array inputs: a pure function of `(seed, epoch)`."""
+        """Sample order of epoch `epoch` for array inputs: a pure function of `(seed, epoch)`.
+
+        With `keras_order`, the order `model.fit` gives under the TensorFlow global seed `seed` (Keras
+        shuffles in a `tf.data` function whose random kernel starts afresh each epoch, so under a global
+        seed every epoch has the same order); otherwise a permutation drawn from `(seed, epoch)`.
+        """
         n, bs = self.num_samples, self.batch_size
         assert n is not None and bs is not None, "order() is for array inputs"
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
+        if self.keras_order:
+            key = (self.seed, n, bs, self.shuffle)
+            if key not in self._keras_orders:
+                self._keras_orders = {key: keras_shuffle_order(n, bs, self.shuffle, self.seed)}
+            return self._keras_orders[key]
         rng = np.random.default_rng([self.seed, epoch])
         if self.shuffle == "batch":
             # Keras's "batch" shuffle: batches keep their samples, the order inside each batch is shuffled.
@@ -195,6 +211,40 @@ class Batches:
             self._adapter.on_epoch_end()
 
 
+def keras_shuffle_order(num_samples: int, batch_size: int, shuffle: bool | str, global_seed: int) -> np.ndarray:
+    """The sample order Keras's array adapter makes under the TensorFlow global seed `global_seed`.
+
+    The same ops as Keras (`tf.random.shuffle` of the indices in a `tf.data` function; with
+    `shuffle="batch"`, of each batch of indices), with the op seeds TensorFlow would derive, so the global
+    seed is read, never set, and no random state outside this pipeline moves.
+
+    Example:
+        >>> keras_shuffle_order(6, 4, True, global_seed=0)   # what model.fit uses after set_random_seed(0)
+    """
+    seed, seed2 = _compat.function_op_seeds(global_seed)
+
+    def shuffle_indices(indices):
+        return tf.raw_ops.RandomShuffle(value=indices, seed=seed, seed2=seed2)
+
+    def permutation(_):
+        indices = tf.range(num_samples, dtype=tf.int64)
+        return indices if shuffle == "batch" else shuffle_indices(indices)
+
+    indices = tf.data.Dataset.range(1).map(permutation)
+    if shuffle != "batch":
+        return next(iter(indices)).numpy()
+    full = (num_samples // batch_size) * batch_size
+
+    def to_batches(order):
+        batches = tf.data.Dataset.from_tensor_slices(tf.reshape(order[:full], [-1, batch_size]))
+        if full < num_samples:
+            batches = batches.concatenate(tf.data.Dataset.from_tensors(order[full:]))
+        return batches
+
+    batches = indices.flat_map(to_batches).map(shuffle_indices)
+    return np.concatenate([b.numpy() for b in batches]) if num_samples else np.zeros(0, np.int64)
+
+
 def class_weight_to_sample_weight(y, class_weight: dict) -> np.ndarray:
     y_np = np.asarray(keras.ops.convert_to_numpy(y))
     if y_np.ndim > 1:
@@ -217,7 +267,7 @@ def _check_class_weight(class_weight):
             raise ValueError(f"`class_weight` keys must be non-negative class indices, got key {k!r}.")
 
 
-def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, what) -> Batches:
+def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, keras_order, what) -> Batches:
     if class_weight is not None:
         if sample_weight is not None:
             raise ValueError("`class_weight` and `sample_weight` cannot both be given; pass one.")
@@ -264,6 +314,7 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         batch_size=int(batch_size),
         shuffle=shuffle,
         seed=seed,
+        keras_order=keras_order,
     )
 
 
@@ -276,7 +327,8 @@ def as_batches(
     shuffle: bool | str = False,
     class_weight: dict | None = None,
     steps: int | None = None,
-    seed: int | None = None,
+    seed: int = 0,
+    keras_order: bool = False,
     what: str = "fit",
 ) -> Batches:
     """Validate one input and return its `Batches`.
@@ -292,8 +344,6 @@ def as_batches(
     """
     _check_batch_size(batch_size)
     _check_class_weight(class_weight)
-    if seed is None:
-        seed = random.randrange(2**31)
     if x is None:
         raise ValueError(f"{what}: `x` is required ({_ACCEPTED}).")
     kind = kind_of(x)
@@ -303,7 +353,7 @@ def as_batches(
                 type(a).__name__ for a in tree.flatten((x, y, sample_weight)) if not array_slicing.can_slice_array(a)
             ]
             raise TypeError(f"{what}: `x` must be {_ACCEPTED}; got unsupported type(s) {sorted(set(bad))}.")
-        return _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, what)
+        return _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, keras_order, what)
 
     for name, value in (("y", y), ("sample_weight", sample_weight)):
         if value is not None:

@@ -142,7 +142,9 @@ class ProgressBar(keras.callbacks.Callback):
         self._advance(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._finish(logs, f"Epoch {epoch + 1}/{self._epochs}", self._steps_seen or self._steps)
+        shown = dict(logs or {})
+        shown.setdefault("rss_mb", memory.rss_mb())  # shown, whether or not `memory_logs` put it in the logs
+        self._finish(shown, f"Epoch {epoch + 1}/{self._epochs}", self._steps_seen or self._steps)
 
     def on_train_end(self, logs=None):
         self.close()

@@ -44,6 +44,8 @@ class TrainingProgress:
         epoch: the next epoch to run (the current one while it runs).
         global_step: training steps run over the trainer's life (1 after the first step).
         data_seed: the seed of the array shuffle order (the order of epoch `e` is a function of it and `e`).
+        keras_order: True when `data_seed` is the TensorFlow global seed and arrays are shuffled in the order
+            `model.fit` uses under it.
         microbatch_size: the microbatch size in use (None: whole batches), e.g. after out-of-memory recovery.
         epochs_target: the `epochs` of the running (or last) `fit`.
         position: where the training data stands mid-epoch (None outside a fit).
@@ -52,6 +54,7 @@ class TrainingProgress:
     epoch: int = 0
     global_step: int = 0
     data_seed: int | None = None
+    keras_order: bool = False
     microbatch_size: int | None = None
     epochs_target: int = 0
     position: DataPosition | None = None
@@ -63,6 +66,7 @@ class TrainingProgress:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "data_seed": self.data_seed,
+            "keras_order": self.keras_order,
             "microbatch_size": self.microbatch_size,
         }
 
@@ -72,7 +76,7 @@ class TrainingProgress:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> TrainingProgress:
         """Take the values of `state_dict()` output; keys it lacks keep their current value. Returns self."""
-        for key in ("epoch", "global_step", "data_seed", "microbatch_size"):
+        for key in ("epoch", "global_step", "data_seed", "keras_order", "microbatch_size"):
             if key in state:
                 setattr(self, key, state[key])
         if "position" in state:

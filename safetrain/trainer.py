@@ -198,9 +198,15 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
 
     # -- fit, evaluate, predict: arguments checked here, the loop in loop.py ---------------------------
     def _batches(self, x, y, sample_weight, *, batch_size, shuffle, class_weight=None, steps=None, what):
-        if self.progress.data_seed is None:
-            # Drawn from Python's RNG, so `keras.utils.set_random_seed` makes the shuffle order reproducible.
-            self.progress.data_seed = random.randrange(2**31)
+        # The shuffle order, as `model.fit`'s: under a TensorFlow global seed (`keras.utils.set_random_seed`)
+        # Keras's own order for it; without one, a fresh order each fit, from a seed drawn from the OS so
+        # that no global RNG (Python, NumPy, TensorFlow, Keras) moves. Either way it is recorded in
+        # `progress`, so re-hydration and resume replay it.
+        global_seed = _compat.tf_global_seed()
+        if global_seed is not None:
+            self.progress.data_seed, self.progress.keras_order = int(global_seed), True
+        else:
+            self.progress.data_seed, self.progress.keras_order = random.SystemRandom().randrange(2**31), False
         return data_module.as_batches(
             x,
             y,
@@ -210,6 +216,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             class_weight=class_weight,
             steps=steps,
             seed=self.progress.data_seed,
+            keras_order=self.progress.keras_order,
             what=what,
         )
 

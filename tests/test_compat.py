@@ -71,3 +71,34 @@ def test_importing_safetrain_changes_no_environment_variable():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "None"
+
+
+def _keras_adapter_order(n, batch_size, shuffle):
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    adapter = ArrayDataAdapter(np.arange(n, dtype="int64"), batch_size=batch_size, shuffle=shuffle)
+    return np.concatenate([b.numpy() for b in adapter.get_tf_dataset()])
+
+
+def test_keras_shuffle_order_is_the_order_of_keras_array_adapter_under_a_global_seed():
+    """safetrain derives Keras's shuffle order from TensorFlow's op-seed rule (first unseeded op of a
+    function graph gets op seed 0); if TensorFlow or Keras changes either, this fails."""
+    from safetrain.data import keras_shuffle_order
+
+    for seed in (0, 1, 1234, 2**31 + 7):
+        for n, batch_size in ((10, 4), (97, 16), (64, 64)):
+            for shuffle in (True, "batch"):
+                keras.utils.set_random_seed(seed)
+                expected = _keras_adapter_order(n, batch_size, shuffle)
+                assert _compat.tf_global_seed() == seed
+                np.testing.assert_array_equal(keras_shuffle_order(n, batch_size, shuffle, seed), expected)
+
+
+def test_reading_the_global_seed_moves_no_random_state():
+    tf.random.set_seed(3)
+    reference = float(tf.random.uniform(()))
+    tf.random.set_seed(3)
+    assert _compat.tf_global_seed() == 3
+    assert float(tf.random.uniform(())) == reference
+    tf.random.set_seed(None)
+    assert _compat.tf_global_seed() is None

@@ -158,3 +158,54 @@ def test_shuffled_fit_is_reproducible_with_the_same_seed():
     assert loss_a == loss_b
     for a, b in zip(w_a, w_b):
         np.testing.assert_array_equal(a, b)
+
+
+# -- default arguments: shuffle=True under keras.utils.set_random_seed, and no global RNG moved -------------
+
+
+@pytest.mark.parametrize("shuffle", [True, "batch"])
+def test_default_shuffle_matches_model_fit_under_a_fixed_seed(shuffle):
+    x, y = regression_data(n=150)  # 150 / 16: a partial last batch
+    results = run_both(
+        lambda: make_mlp(dropout=0.2, seed=3),
+        lambda: dict(x=x, y=y, batch_size=16, epochs=3, shuffle=shuffle, validation_split=0.2),
+    )
+    assert_same_training(*results[:4])
+
+
+def _global_rng_draws():
+    import random
+
+    return [random.random(), float(np.random.rand()), float(tf.random.uniform(())), float(keras.random.uniform(()))]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fit_evaluate_predict_leave_every_global_rng_as_model_fit_does(shuffle):
+    """Keras seeds unseeded initializers from Python's RNG: a model built after training must start alike."""
+    x, y = regression_data(n=64)
+
+    def script(use_trainer):
+        model = make_mlp(dropout=0.1, seed=5)
+        api = SafeTrainer(model) if use_trainer else model
+        api.fit(x, y, batch_size=16, epochs=2, shuffle=shuffle, verbose=0)
+        api.evaluate(x, y, verbose=0)
+        api.predict(x, verbose=0)
+        api.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0)
+        built_after = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        return [w.tolist() for w in built_after.get_weights()], _global_rng_draws()
+
+    assert script(use_trainer=True) == script(use_trainer=False)
+
+
+def test_without_a_global_seed_each_epoch_and_fit_get_a_fresh_order():
+    x = np.arange(64, dtype="float32")[:, None]
+    trainer = SafeTrainer(make_mlp(d=1))
+    tf.random.set_seed(None)  # make_mlp set one
+    trainer.fit(x, x, batch_size=8, epochs=1, verbose=0)
+    first = trainer.train_batches
+    orders = [first.order(0), first.order(1)]
+    trainer.fit(x, x, batch_size=8, epochs=1, verbose=0)
+    orders.append(trainer.train_batches.order(0))
+    assert not first.keras_order
+    assert all(sorted(o) == list(range(64)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3

@@ -45,6 +45,8 @@ def test_device_memory_reaches_the_logs_when_tensorflow_sees_a_gpu(monkeypatch):
         tf.config.experimental, "get_memory_info", lambda name: {"current": 300 * 2**20, "peak": 512 * 2**20}
     )
     x, y = regression_data(n=32)
-    history = SafeTrainer(make_mlp()).fit(x, y, epochs=2, verbose=0)
+    trainer = SafeTrainer(make_mlp(), memory_logs=True)
+    history = trainer.fit(x, y, epochs=2, verbose=0)
+    assert [s.device_mb for s in trainer.memory] == [300.0, 300.0]
     assert history.history["device_mb"] == [300.0, 300.0]
     assert history.history["device_peak_mb"] == [512.0, 512.0]
