@@ -224,7 +224,7 @@ class Snapshot:
         if self.compile_args:
             with strategy.scope():  # an optimizer belongs to the strategy current when it is made
                 args = {k: make() for k, make in self.compile_args.items()}
-                model.compile(**args, jit_compile=False)
+                model.compile(**args, jit_compile=trainer.jit_compile)
         trainer.model = model
         if self.element_spec is not None:
             trainer.build(self.element_spec)

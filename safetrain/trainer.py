@@ -57,7 +57,7 @@ def _release_previous_models() -> None:
     _compat.clear_kernel_cache()
 
 
-def _compile_with_overrides(model: keras.Model, strategy, optimizer, loss, metrics) -> None:
+def _compile_with_overrides(model: keras.Model, strategy, optimizer, loss, metrics, jit_compile) -> None:
     """Compile the model with the trainer's `optimizer`/`loss`/`metrics` merged over its own compile arguments."""
     previous = _compat.compile_config(model)
     optimizer = optimizer if optimizer is not None else (model.optimizer if model.compiled else None)
@@ -69,7 +69,7 @@ def _compile_with_overrides(model: keras.Model, strategy, optimizer, loss, metri
     loss = loss if loss is not None else previous.get("loss")
     metrics = metrics if metrics is not None else previous.get("metrics")
     with strategy.scope():
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=False, **kwargs)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile, **kwargs)
 
 
 class SafeTrainer(StepSurface, TrainerActions, OnBatch):
@@ -85,7 +85,10 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             (not a factory) passed with it must have been built inside its scope.
         steps_per_execution: steps per compiled call: an int as in Keras, or "auto" (the default): many
             steps per call when no callback needs per-batch hooks, one per call otherwise.
-        jit_compile: compile the steps with XLA.
+        jit_compile: compile the steps with XLA. Default (None): what the model was compiled with, as Keras
+            resolved it (`model.jit_compile`: `compile`'s default "auto" means XLA on GPUs for models that
+            support it, off on CPU and under a distribution strategy), so the same program as `model.fit`.
+            "auto" is the same as None.
         memory_logs: also put the memory telemetry into every epoch's logs: `rss_mb` (and `device_mb`,
             `device_peak_mb` on GPU, `microbatch_size` once microbatching is on), so that History, CSVLogger
             and TensorBoard record them. Off by default: logs and History then carry exactly the keys
@@ -118,7 +121,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         policies: Sequence[Policy] = (),
         strategy: tf.distribute.Strategy | None = None,
         steps_per_execution: int | str = "auto",
-        jit_compile: bool = False,
+        jit_compile: bool | str | None = None,
         memory_logs: bool = False,
         custom_objects: Mapping[str, Any] | None = None,
         microbatch_size: int | None = None,
@@ -128,8 +131,10 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         if steps_per_execution != "auto":
             check_int("steps_per_execution", steps_per_execution, 1)
         check_int("microbatch_size", microbatch_size, 1, allow_none=True)
-        if not isinstance(jit_compile, bool):
-            raise TypeError(f"`jit_compile` must be a bool, got {jit_compile!r}.")
+        if jit_compile == "auto":
+            jit_compile = None
+        if jit_compile is not None and not isinstance(jit_compile, bool):
+            raise TypeError(f"`jit_compile` must be True, False, 'auto' or None, got {jit_compile!r}.")
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {type(strategy).__name__}.")
         self.policies = PolicyList(policies)
@@ -149,10 +154,14 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             distributed.check_model_strategy(model, strategy)
         self.strategy: tf.distribute.Strategy = strategy or built.distribute_strategy
         self.steps_per_execution = steps_per_execution
-        self.jit_compile = jit_compile
         self.memory_logs = bool(memory_logs)
         if optimizer is not None or loss is not None or metrics is not None:
-            _compile_with_overrides(built, self.strategy, optimizer, loss, metrics)
+            _compile_with_overrides(
+                built, self.strategy, optimizer, loss, metrics, "auto" if jit_compile is None else jit_compile
+            )
+        if jit_compile is None:
+            jit_compile = bool(built.jit_compile) if getattr(built, "compiled", False) else False
+        self.jit_compile: bool = jit_compile
         if getattr(built, "run_eagerly", False):
             warnings.warn(
                 "The model was compiled with run_eagerly=True; SafeTrainer always compiles its steps "

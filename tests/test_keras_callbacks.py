@@ -23,8 +23,8 @@ KNOWN_GAPS: dict[str, str] = {}
 def fit_through_safetrainer(monkeypatch):
     def fit(self, *args, **kwargs):
         ROUTED["fit"] += 1
-        # What a user switching over writes: keep the model's XLA setting (Keras tests compile with it).
-        trainer = SafeTrainer(self, jit_compile=bool(self.jit_compile))
+        # What a user switching over writes (the XLA setting follows the model's, as in model.fit).
+        trainer = SafeTrainer(self)
         return trainer.fit(*args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "fit", fit)

@@ -237,6 +237,19 @@ def test_memory_telemetry_lands_in_history_and_trainer_memory():
     assert np.isfinite(trainer.memory.slope())
 
 
+def test_jit_compile_follows_the_model_unless_given():
+    x, y = regression_data(n=32)
+    assert SafeTrainer(make_mlp()).jit_compile is False  # "auto" on a CPU-only machine: off, as in Keras
+    xla = make_mlp(jit_compile=True)
+    trainer = SafeTrainer(xla)
+    assert trainer.jit_compile is True and trainer.steps.jit_compile is True
+    assert np.isfinite(trainer.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+    assert SafeTrainer(make_mlp(jit_compile=True), jit_compile=False).jit_compile is False
+    with pytest.raises(TypeError, match="jit_compile"):
+        SafeTrainer(make_mlp(), jit_compile="xla")
+    assert SafeTrainer(make_mlp(jit_compile=True), jit_compile="auto").jit_compile is True
+
+
 def test_run_eagerly_is_reported_as_ignored():
     model = make_mlp(run_eagerly=True)
     with pytest.warns(UserWarning, match="run_eagerly is ignored"):
