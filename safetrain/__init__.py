@@ -59,6 +59,10 @@ _EXPORTS = {
     "Snapshot": "snapshot",
     "TrainingProgress": "state",
     "SafeTrainer": "trainer",
+    "install": "routing",
+    "uninstall": "routing",
+    "installed": "routing",
+    "trainer_of": "routing",
 }
 
 
@@ -84,6 +88,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SafeTrainer",
+    "install",
+    "uninstall",
+    "installed",
+    "trainer_of",
     "WorkerFailure",
     "distributed",
     "Policy",

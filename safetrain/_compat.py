@@ -48,6 +48,8 @@ __all__ = [
     "global_seed_state",
     "symbolic_build",
     "compile_config",
+    "compile_token",
+    "is_trainer_model",
     "compiled_loss",
     "loss_tracker",
     "call_has_training_arg",
@@ -174,6 +176,17 @@ def make_global_seed_state():
     from keras.src.random.seed_generator import global_seed_generator
 
     return global_seed_generator().state
+
+
+def compile_token(model):
+    """An object that changes whenever `model.compile` is called (its recorded compile arguments)."""
+    return getattr(model, "_compile_config", None)
+
+
+def is_trainer_model(obj) -> bool:
+    """What Keras's own `fit` runs on: a Keras layer that is also a Keras trainer (every `keras.Model`,
+    and `class M(Trainer, layers.Dense)` as Keras's tests write them)."""
+    return isinstance(obj, keras.layers.Layer) and isinstance(obj, TensorFlowTrainer)
 
 
 def compile_config(model) -> dict:

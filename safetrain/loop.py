@@ -92,6 +92,9 @@ class Loop:
         self.events = Events(trainer, self.callbacks)
         self.last_logs = None  # the last step's logs of the pass running (train and test)
         self._chunk_sizers: dict[str, ChunkSizer] = {}
+        # A callback may call evaluate/predict inside a fit: that inner run must leave the fit's state alone.
+        self._outer = (trainer.callbacks, trainer.progress.position)
+        self._fitting = False
 
     # -- fit --------------------------------------------------------------------------------------------------
     def fit(
@@ -106,7 +109,8 @@ class Loop:
         validation_freq,
     ) -> keras.callbacks.History:
         trainer, events = self.trainer, self.events
-        data = EpochIterator(train, steps_per_epoch, trainer.strategy)
+        data = EpochIterator(train, self._in_executions(steps_per_epoch), trainer.strategy)
+        self._fitting = True
         trainer.watch_nonfinite(trainer.policies.watches_nonfinite)
         trainer.model.stop_training = False
         trainer.progress.epochs_target = epochs
@@ -144,6 +148,14 @@ class Loop:
             self.close()
         return trainer.model.history
 
+    def _in_executions(self, steps: int | None) -> int | None:
+        """Keras counts a fixed `steps_per_execution` > 1 in whole executions: `steps` is rounded up to a
+        multiple of it (each execution runs that many steps unless the data ends first)."""
+        per_call = self.trainer.steps_per_execution
+        if steps is None or not isinstance(per_call, int) or per_call <= 1:
+            return steps
+        return -(-steps // per_call) * per_call
+
     def _starting_point(self, initial_epoch: int):
         """The first epoch, and the data position to resume at when a checkpoint was loaded (else None)."""
         trainer = self.trainer
@@ -180,9 +192,9 @@ class Loop:
         """After the run, also after an error: the bar is closed, worker-only folders removed."""
         if self.bar is not None:
             self.bar.close()
-        self.trainer.watch_nonfinite(False)  # on only while a fit whose policies watch runs
-        self.trainer.callbacks = None
-        self.trainer.progress.position = None
+        if self._fitting:
+            self.trainer.watch_nonfinite(False)  # on only while a fit whose policies watch runs
+        self.trainer.callbacks, self.trainer.progress.position = self._outer
         self._cleanup()
 
     # -- evaluate and predict ------------------------------------------------------------------------------
@@ -192,7 +204,7 @@ class Loop:
         trainer.model.reset_metrics()
         trainer.model.stop_evaluating = False
         self.callbacks.on_test_begin()
-        data = EpochIterator(batches, steps, trainer.strategy)
+        data = EpochIterator(batches, self._in_executions(steps), trainer.strategy)
         data.start(0)
         try:
             logs = self.run_pass("test", data, self.chunk_sizer("test"))
@@ -215,7 +227,7 @@ class Loop:
 
         trainer.model.stop_predicting = False
         self.callbacks.on_predict_begin()
-        data = EpochIterator(batches, steps, trainer.strategy)
+        data = EpochIterator(batches, self._in_executions(steps), trainer.strategy)
         data.start(0)
         try:
             self.run_pass("predict", data, self.chunk_sizer("predict"), on_output=keep)
@@ -292,7 +304,10 @@ class Loop:
             nonfinite = kind == "train" and step.watch_nonfinite and ran > 0 and not _all_finite(outputs)
             data.advance(ran, ran if nonfinite else n)
         if ran:
-            last = first + ran - 1
+            # With a fixed steps_per_execution, Keras reports `begin + steps_per_execution - 1` as a chunk's
+            # last step even when the data ended earlier; batch callbacks hear the same numbers here.
+            fixed = trainer.steps_per_execution
+            last = first + (fixed if isinstance(fixed, int) and ran else ran) - 1
             if kind == "predict":
                 if on_output is not None:
                     on_output(outputs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import tensorflow as tf
 from keras import tree
@@ -71,10 +72,18 @@ def _accepts(compiled_spec, spec) -> bool:
     return True
 
 
+def _rank(spec):
+    shape = getattr(spec, "shape", None)
+    return None if shape is None else shape.rank
+
+
 def _supertype(a, b):
-    """Most specific spec accepting both `a` and `b`, or `b` when none exists (other structure or dtype)."""
+    """Most specific spec accepting both `a` and `b`, or `b` when none exists (other structure or dtype) or
+    when it would lose a rank (most layers need a known rank: the step is traced afresh for `b` instead)."""
     try:
         tf.nest.assert_same_structure(a, b)
+        if any(_rank(x) != _rank(y) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b))):
+            return b
         out = [x.most_specific_common_supertype([y]) for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b))]
     except (TypeError, ValueError, AttributeError):
         return b
@@ -150,6 +159,7 @@ class CompiledStep:
         self._loop = None
         self._fast: tuple | None = None  # (spec object, concrete loop function)
         self._step_fast: tuple | None = None  # (spec, concrete step function)
+        self._composite: bool | None = None  # does the step return ragged/sparse tensors (None: not known)
 
     def set_watch_nonfinite(self, watch: bool) -> None:
         """Stop training chunks right after a step with a NaN/Inf loss (the check is part of the loop)."""
@@ -215,6 +225,7 @@ class CompiledStep:
         self.function = self._build(self.spec)
         self._last_spec = spec
         self._loop = self._fast = self._step_fast = None  # the loop's graph holds the old step
+        self._composite = None
         return self.function
 
     def _loopfunction(self):
@@ -272,6 +283,8 @@ class CompiledStep:
         """
         spec = relax_spec(iterator.element_spec) if spec is None else spec
         self.function_for(spec)
+        if self._composite_outputs():
+            return self._run_stepwise(iterator, n)
         loop = self._loopfunction()
         count = _count(n)
         if is_distributed(self.spec):
@@ -293,6 +306,44 @@ class CompiledStep:
         steps_run, outputs = loop(iterator, count)
         self._fast = (spec, loop.get_concrete_function(iterator, count))
         return int(steps_run), outputs
+
+    def _composite_outputs(self) -> bool:
+        """True when the step returns ragged or sparse tensors, which the graph loops cannot carry."""
+        if self._composite is None:
+            if is_distributed(self.spec):
+                self._composite = False
+            else:
+                assert self.function is not None
+                outputs = self.function.get_concrete_function(self.spec).structured_outputs
+                self._composite = any(
+                    isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) for t in tf.nest.flatten(outputs)
+                )
+        return self._composite
+
+    def _run_stepwise(self, iterator, n: int):
+        """Up to `n` steps, one compiled call each (for steps with ragged or sparse outputs); for "predict" the
+        outputs of all steps concatenated, as the graph loop gives them."""
+        outputs: Any = None
+        kept: list = []
+        steps_run = 0
+        assert self.function is not None
+        for _ in range(n):
+            batch = iterator.get_next_as_optional()
+            if not batch.has_value():
+                break
+            outputs = self.function(batch.get_value())
+            steps_run += 1
+            if self.kind == "predict":
+                kept.append(outputs)
+        if self.kind == "predict" and kept:
+            outputs = tf.nest.map_structure(_concat_batches, *kept) if len(kept) > 1 else kept[0]
+        return steps_run, outputs
+
+
+def _concat_batches(*parts):
+    if isinstance(parts[0], tf.SparseTensor):
+        return tf.sparse.concat(0, list(parts))
+    return tf.concat(list(parts), axis=0)
 
 
 _COUNTS: dict[int, tf.Tensor] = {}

@@ -55,23 +55,19 @@ class StepSurface:
         ) is not getattr(_compat.TensorFlowTrainer, name)
 
     def require_compiled(self, what: str) -> None:
-        """Raise `ConfigurationError` before any step when `what` ("fit", "evaluate") lacks an optimizer or a
-        loss (a custom `train_step`/`test_step`/`compute_loss` needs no compiled loss)."""
+        """Raise `ConfigurationError` before any step when the model was not compiled (as `model.fit` and
+        `model.evaluate` do) or `fit` has no optimizer. A compiled model needs no `loss`: its losses may all
+        come from `add_loss` or a custom step; with none at all, Keras's own error comes at the first trace."""
         model = self.model
-        missing = []
-        if what == "fit" and (not model.compiled or model.optimizer is None):
-            missing.append("an optimizer (`optimizer=`)")
-        if (
-            what in ("fit", "evaluate")
-            and not self.has_custom("train_step" if what == "fit" else "test_step")
-            and not self.has_custom("compute_loss")
-            and _compat.compiled_loss(model) is None
-        ):
-            missing.append("a loss (`loss=`)")
-        if missing:
+        if not model.compiled:
             raise ConfigurationError(
-                f"SafeTrainer.{what}() needs {' and '.join(missing)}: compile the model "
-                f"or pass them to SafeTrainer(model, ...)."
+                f"SafeTrainer.{what}(): You must call `compile()` before using the model (or pass `optimizer=` "
+                f"and `loss=` to SafeTrainer(model, ...))."
+            )
+        if what == "fit" and model.optimizer is None:
+            raise ConfigurationError(
+                "SafeTrainer.fit() needs an optimizer (`optimizer=`): compile the model with one or pass it to "
+                "SafeTrainer(model, ...)."
             )
 
     def step_method(self, kind: str) -> Callable:

@@ -57,6 +57,24 @@ def _release_previous_models() -> None:
     _compat.clear_kernel_cache()
 
 
+def _limit_epochs(epochs: int) -> int:
+    """`keras.config.set_max_epochs` caps every fit's epochs, as in `model.fit`."""
+    limit = keras.config.max_epochs()
+    if limit and limit < epochs:
+        warnings.warn(f"Limiting epochs to {limit}", stacklevel=3)
+        return int(limit)
+    return epochs
+
+
+def _limit_steps(steps: int | None) -> int | None:
+    """`keras.config.set_max_steps_per_epoch` caps the steps of every pass, as in Keras's epoch iterator."""
+    limit = keras.config.max_steps_per_epoch()
+    if limit and (not steps or limit < steps):
+        warnings.warn(f"Limiting steps_per_epoch to {limit}", stacklevel=3)
+        return int(limit)
+    return steps
+
+
 def _compile_with_overrides(model: keras.Model, strategy, optimizer, loss, metrics, jit_compile) -> None:
     """Compile the model with the trainer's `optimizer`/`loss`/`metrics` merged over its own compile arguments."""
     previous = _compat.compile_config(model)
@@ -76,15 +94,18 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
     """Train a Keras model with one compiled step per kind, memory telemetry and policies.
 
     Args:
-        model: a `keras.Model`, or a zero-argument callable returning one (a factory; re-hydration can
-            then rebuild models whose config does not round-trip).
+        model: a `keras.Model` (or any Keras layer that is also a Keras trainer, as `model.fit` accepts),
+            or a zero-argument callable returning one (a factory; re-hydration can then rebuild models whose
+            config does not round-trip).
         optimizer, loss, metrics: override the model's compiled ones (all three are optional when the
             model was compiled; an uncompiled model needs at least `optimizer` and `loss` to train).
         policies: `safetrain.Policy` instances, applied in the order given.
         strategy: a `tf.distribute.Strategy`; default: the one the model was built under, if any. A model
             (not a factory) passed with it must have been built inside its scope.
-        steps_per_execution: steps per compiled call: an int as in Keras, or "auto" (the default): many
-            steps per call when no callback needs per-batch hooks, one per call otherwise.
+        steps_per_execution: steps per compiled call: an int as in Keras (batch callbacks then hear every
+            N-th step, as in Keras), or "auto": many steps per call when no callback needs per-batch hooks,
+            one per call otherwise. Default (None): the model's `compile(steps_per_execution=N)` when N > 1,
+            else "auto".
         jit_compile: compile the steps with XLA. Default (None): what the model was compiled with, as Keras
             resolved it (`model.jit_compile`: `compile`'s default "auto" means XLA on GPUs for models that
             support it, off on CPU and under a distribution strategy), so the same program as `model.fit`.
@@ -120,7 +141,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         metrics=None,
         policies: Sequence[Policy] = (),
         strategy: tf.distribute.Strategy | None = None,
-        steps_per_execution: int | str = "auto",
+        steps_per_execution: int | str | None = None,
         jit_compile: bool | str | None = None,
         memory_logs: bool = False,
         custom_objects: Mapping[str, Any] | None = None,
@@ -128,7 +149,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         oom_recovery: bool = True,
         check_inputs: bool = False,
     ) -> None:
-        if steps_per_execution != "auto":
+        if steps_per_execution not in ("auto", None):
             check_int("steps_per_execution", steps_per_execution, 1)
         check_int("microbatch_size", microbatch_size, 1, allow_none=True)
         if jit_compile == "auto":
@@ -140,20 +161,27 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.policies = PolicyList(policies)
         _release_previous_models()
         self.factory: Callable[[], keras.Model] | None = None
-        if isinstance(model, keras.Model):
+        built: Any
+        if _compat.is_trainer_model(model):
             built = model
         elif callable(model) and not isinstance(model, keras.layers.Layer):
             self.factory = model
             built = self._call_factory(strategy)
         else:
             raise TypeError(
-                f"`model` must be a keras.Model or a zero-argument callable returning one, got {type(model).__name__}."
+                "`model` must be a keras.Model (or a Keras layer that is a Keras trainer, as `model.fit` "
+                f"accepts) or a zero-argument callable returning one, got {type(model).__name__}."
             )
         self.model: keras.Model = built
-        if isinstance(model, keras.Model) and strategy is not None:
+        if _compat.is_trainer_model(model) and strategy is not None:
             distributed.check_model_strategy(model, strategy)
         self.strategy: tf.distribute.Strategy = strategy or built.distribute_strategy
-        self.steps_per_execution = steps_per_execution
+        if steps_per_execution is None:
+            # The model's own `compile(steps_per_execution=N)`, as `model.fit` runs it; Keras's default, 1,
+            # means "auto" here (the same numbers and callbacks, fewer calls).
+            compiled = getattr(built, "steps_per_execution", 1) if getattr(built, "compiled", False) else 1
+            steps_per_execution = int(compiled) if compiled and int(compiled) > 1 else "auto"
+        self.steps_per_execution: int | str = steps_per_execution
         self.memory_logs = bool(memory_logs)
         if optimizer is not None or loss is not None or metrics is not None:
             _compile_with_overrides(
@@ -198,7 +226,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
                 built = factory()
         else:
             built = factory()
-        if not isinstance(built, keras.Model):
+        if not _compat.is_trainer_model(built):
             raise TypeError(
                 f"The model factory {getattr(self.factory, '__name__', self.factory)!r} must "
                 f"return a keras.Model, but returned {type(built).__name__}."
@@ -295,6 +323,8 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.build(train.element_spec)
         self.train_spec = train.element_spec
         self.train_batches = train
+        epochs = _limit_epochs(epochs)
+        steps_per_epoch, validation_steps = _limit_steps(steps_per_epoch), _limit_steps(validation_steps)
         loop = Loop(
             self,
             callbacks,
@@ -342,6 +372,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         )
         check_data(self.model, batches, x, y, sample_weight, "evaluate", self.check_inputs)
         self.build(batches.element_spec)
+        steps = _limit_steps(steps)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)
         try:
             logs = loop.evaluate(batches, steps)
@@ -376,6 +407,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             x, None, None, batch_size=batch_size, shuffle=False, steps=steps, what="predict"
         )
         self.build(batches.element_spec, training=False)
+        steps = _limit_steps(steps)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)
         try:
             pieces = loop.predict(batches, steps)

@@ -74,5 +74,5 @@ def test_policies_that_watch_steps_hear_train_on_batch():
 
 def test_train_on_batch_needs_an_optimizer_like_fit():
     plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
-    with pytest.raises(ValueError, match=r"needs an optimizer"):
+    with pytest.raises(ValueError, match=r"You must call `compile\(\)`"):
         SafeTrainer(plain).train_on_batch(x[:4], y[:4])

@@ -10,7 +10,7 @@ from safetrain import ConfigurationError, SafeTrainer
 
 
 def test_model_must_be_a_keras_model_or_factory():
-    with pytest.raises(TypeError, match=r"`model` must be a keras.Model or a zero-argument callable"):
+    with pytest.raises(TypeError, match=r"`model` must be a keras.Model .* or a zero-argument callable"):
         SafeTrainer("my_model.keras")
     with pytest.raises(TypeError, match=r"`model` must be"):
         SafeTrainer(keras.layers.Dense(3))
@@ -35,12 +35,39 @@ def test_factory_builds_the_live_model():
 def test_uncompiled_model_without_optimizer_and_loss_is_a_clear_error():
     model = make_mlp(compile=False)
     x, y = regression_data(n=16)
-    with pytest.raises(ConfigurationError, match=r"needs an optimizer \(`optimizer=`\) and a loss \(`loss=`\)"):
+    with pytest.raises(ConfigurationError, match=r"You must call `compile\(\)` before using the model"):
         SafeTrainer(model).fit(x, y, verbose=0)
+    with pytest.raises(ConfigurationError, match=r"You must call `compile\(\)`"):
+        SafeTrainer(model).evaluate(x, y, verbose=0)
     with pytest.raises(ValueError, match=r"needs an optimizer"):
         SafeTrainer(model, loss="mse")
-    with pytest.raises(ConfigurationError, match=r"a loss \(`loss=`\)"):
-        SafeTrainer(model, optimizer="adam").fit(x, y, verbose=0)
+    # Compiled without a loss and no `add_loss`: Keras's own error, at the trace, before any step runs.
+    trainer = SafeTrainer(model, optimizer="adam")
+    with pytest.raises(ValueError, match=r"No loss to compute"):
+        trainer.fit(x, y, verbose=0)
+    assert int(trainer.model.optimizer.iterations) == 0
+
+
+def test_a_model_whose_only_losses_come_from_add_loss_trains_as_in_keras():
+    class Penalty(keras.layers.Layer):
+        def call(self, x):
+            self.add_loss(0.1 * keras.ops.sum(keras.ops.square(x)))
+            return x
+
+    def build():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4), Penalty(), keras.layers.Dense(1)])
+        m.compile(optimizer="adam")  # no loss: Keras allows it
+        return m
+
+    x, y = regression_data(n=64)
+    plain = build()
+    expected = plain.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False).history
+    trainer = SafeTrainer(build())
+    history = trainer.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False).history
+    assert history.keys() == expected.keys()
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
+    assert trainer.evaluate(x, y, verbose=0) == pytest.approx(plain.evaluate(x, y, verbose=0), rel=1e-6)
 
 
 def test_uncompiled_model_can_predict():
@@ -257,3 +284,21 @@ def test_run_eagerly_is_reported_as_ignored():
     x, y = regression_data(n=16)
     trainer.fit(x, y, epochs=1, verbose=0)
     assert trainer.trace_counts["train"] == 1
+
+
+def test_ragged_outputs_through_fit_evaluate_and_predict_in_chunks():
+    import tensorflow as tf
+
+    class Doubles(keras.Model):
+        def call(self, x):
+            return x * 2
+
+    x = tf.ragged.constant([[1.0], [2.0, 3.0], [4.0], [5.0, 6.0, 7.0], [8.0]])
+    model = Doubles()
+    model.compile(optimizer="adam", loss=lambda y, y_pred, sample_weight=None: 0.0)
+    trainer = SafeTrainer(model, steps_per_execution=2)  # several steps per call
+    trainer.fit(x, x, batch_size=2, epochs=2, verbose=0)
+    out = trainer.predict(x, batch_size=2, verbose=0)
+    assert isinstance(out, tf.RaggedTensor)
+    assert out.to_list() == [[2.0], [4.0, 6.0], [8.0], [10.0, 12.0, 14.0], [16.0]]
+    assert trainer.trace_counts["predict"] == 1
