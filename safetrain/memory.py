@@ -23,7 +23,17 @@ import keras
 import numpy as np
 import psutil
 
-__all__ = ["MemorySample", "MemoryLog", "MemoryMonitor", "sample", "rss_mb", "device_memory_mb", "slope", "trim_malloc"]
+__all__ = [
+    "MemorySample",
+    "MemoryLog",
+    "MemoryMonitor",
+    "sample",
+    "rss_mb",
+    "anon_mb",
+    "device_memory_mb",
+    "slope",
+    "trim_malloc",
+]
 
 _MIB = 2.0**20
 _PROCESS = psutil.Process(os.getpid())
@@ -35,6 +45,23 @@ def rss_mb() -> float:
     if _PROCESS.pid != os.getpid():  # forked child: psutil's handle points at the parent
         return psutil.Process(os.getpid()).memory_info().rss / _MIB
     return _PROCESS.memory_info().rss / _MIB
+
+
+def anon_mb() -> float:
+    """Anonymous resident memory of this process in MiB (Linux `RssAnon`: heap and stacks, not the page cache
+    of files read or mapped, which makes RSS wander with I/O); RSS where the kernel does not report it.
+
+    Example:
+        >>> before = anon_mb(); train(); print(f"{anon_mb() - before:+.1f} MiB")
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return rss_mb()
 
 
 def _gpu_names() -> list[str]:

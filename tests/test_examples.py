@@ -19,6 +19,7 @@ EXPECTED = {
     "policies_in_code.py": "re-hydrations 1",
     "oom_recovery.py": "microbatch size 64; OOM events 1",
     "checkpoint_resume.py": "first run: 3 epochs; second run resumed from ckpt-",
+    "keras_tuner_search.py": "safetrain.install(): 25 trials",
 }
 
 
