@@ -61,6 +61,8 @@ __all__ = [
     "model_inputs",
     "compute_loss",
     "chief_worker_only",
+    "input_is_optional",
+    "none_spec",
     "omit_retracing_warning",
     "CUSTOM_GRADIENT_PREFIX",
 ]
@@ -248,6 +250,19 @@ def model_inputs(model):
     if struct is None:
         struct = getattr(getattr(model, "_functional", None), "_inputs_struct", None)
     return struct
+
+
+def input_is_optional(keras_tensor) -> bool:
+    """Was this model input made with `keras.Input(..., optional=True)` (so that it may be fed None)?"""
+    history = getattr(keras_tensor, "_keras_history", None)
+    return bool(getattr(getattr(history, "operation", None), "optional", False))
+
+
+def none_spec():
+    """The element spec `tf.data` gives a `None` in a batch (an optional input fed None)."""
+    from tensorflow.python.framework.none_tensor import NoneTensorSpec
+
+    return NoneTensorSpec()
 
 
 def chief_worker_only(callback) -> bool:

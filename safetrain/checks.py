@@ -77,14 +77,20 @@ def check_against_model(model, x_spec, what: str) -> None:
     expected = _compat.model_inputs(model)
     if expected is None or x_spec is None:
         return
+    if isinstance(x_spec, dict) and not isinstance(expected, dict):
+        # Keras matches a dict of inputs to a model whose inputs are a list by the inputs' names.
+        by_name = {getattr(t, "name", None): t for t in tree.flatten(expected)}
+        if None not in by_name and set(x_spec) >= set(by_name):
+            expected = by_name
     if isinstance(expected, dict) and isinstance(x_spec, dict):
         missing = sorted(set(expected) - set(x_spec))
+        missing = [k for k in missing if not _compat.input_is_optional(expected[k])]
         if missing:
             raise ValueError(
                 f"{what}: `x` has no input named {', '.join(map(repr, missing))}; the model's inputs are "
                 f"{sorted(expected)} and `x` gives {sorted(x_spec)}."
             )
-        pairs = [(f"x[{k!r}]", x_spec[k], expected[k]) for k in expected]
+        pairs = [(f"x[{k!r}]", x_spec[k], expected[k]) for k in expected if k in x_spec]
     else:
         flat_expected = tree.flatten(expected)
         flat_x = tree.flatten(x_spec)
@@ -93,6 +99,13 @@ def check_against_model(model, x_spec, what: str) -> None:
         names = ["x"] if len(flat_x) == 1 else [f"x[{i}]" for i in range(len(flat_x))]
         pairs = list(zip(names, flat_x, flat_expected))
     for name, got, want in pairs:
+        if isinstance(got, type(_compat.none_spec())):
+            if not _compat.input_is_optional(want):
+                raise ValueError(
+                    f"{what}: The input '{getattr(want, 'name', name)}' is not optional, but None was passed "
+                    f"(as `{name}`). Please provide a valid tensor."
+                )
+            continue
         if not isinstance(got, tf.TensorSpec):
             continue
         want_shape = tuple(want.shape)

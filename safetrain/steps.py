@@ -153,6 +153,7 @@ class CompiledStep:
         self.spec = None  # the spec the function was compiled for
         self.function = None
         self.traces = 0
+        self._initializing = None  # the spec of a first trace that created variables
         self.loop_traces = 0
         self.signatures: list = []
         self._last_spec = None  # the last spec object accepted: O(1) acceptance for the next call
@@ -168,7 +169,14 @@ class CompiledStep:
             self._loop = self._fast = None
 
     # -- building -----------------------------------------------------------------------------------------
-    def _record_trace(self, spec) -> None:
+    def _record_trace(self, spec, created_variables: bool) -> None:
+        # A step that creates variables in its first trace (a model Keras builds when the step is traced: a
+        # GAN, a VAE) is traced by TensorFlow a second time, without creating them; that second trace of the
+        # same spec is part of the first call, not a retrace.
+        if self._initializing is not None and self._initializing == spec:
+            self._initializing = None
+            return
+        self._initializing = spec if created_variables else None
         self.traces += 1
         self.total_traces += 1
         old = self.signatures[-1] if self.signatures else None
@@ -197,16 +205,24 @@ class CompiledStep:
         check_inputs = self.check_inputs
 
         def one_step(data):
-            self._record_trace(spec)  # Python side effect: runs once per trace, never per step
             registry = _compat.gradient_registry()
             before = set(registry) if registry is not None else None
+            created = []
+
+            def count_created(next_creator, **kwargs):
+                created.append(kwargs.get("name"))
+                return next_creator(**kwargs)
+
             if check_inputs:
                 data = finite_guard(data)
             try:
-                outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
-                return _reduce_per_replica(outputs, strategy, reduction)
+                with tf.variable_creator_scope(count_created):
+                    outputs = strategy.run(lambda d: method(_drop_optionals(d)), args=(data,))
+                outputs = _reduce_per_replica(outputs, strategy, reduction)
             finally:
                 self._release_gradient_entries(before)
+            self._record_trace(spec, bool(created))  # Python side effect: runs once per trace, never per step
+            return outputs
 
         one_step.__name__ = f"safetrain_{self.kind}_step"
         if not is_distributed(spec):

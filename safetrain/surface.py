@@ -90,13 +90,22 @@ class StepSurface:
         """Create every variable eagerly (model, metrics, loss trackers, optimizer) before the first trace.
 
         An optimizer built inside a trace leaves functions alive after its model is gone. `predict` only
-        needs the model's own variables (its data has no targets to build metrics from).
+        needs the model's own variables (its data has no targets to build metrics from). A model Keras cannot
+        build from a spec (no `call()`: a GAN or VAE whose `train_step` does the work) is built when its step
+        is traced, as `model.fit` builds it; under a distribution strategy Keras requires the build, and so
+        the error stands.
         """
         model = self.model
-        spec = tree.map_structure(lambda s: None if isinstance(s, tf.OptionalSpec) else s, spec)
+        none_spec = type(_compat.none_spec())
+        spec = tree.map_structure(lambda s: None if isinstance(s, (tf.OptionalSpec, none_spec)) else s, spec)
         with self.strategy.scope():
             if training and model.compiled:
-                _compat.symbolic_build(model, spec)
+                try:
+                    _compat.symbolic_build(model, spec)
+                except RuntimeError:  # Keras's "Unable to automatically build the model"
+                    if _compat.model_strategy(model) is not None:
+                        raise
+                    return
                 if model.optimizer is not None and not model.optimizer.built:
                     model.optimizer.build(model.trainable_variables)
             elif not model.built:

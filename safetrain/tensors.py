@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from keras import backend, tree
 
+from safetrain import _compat
 from safetrain._compat import array_slicing, data_adapter_utils
 
 __all__ = ["as_tensors"]
@@ -70,6 +71,8 @@ def _to_tensor(a):
 
 
 def _array_spec(a):
+    if a is None:  # an optional input fed None: tf.data carries it as such
+        return _compat.none_spec()
     if isinstance(a, array_slicing.TensorflowSparseWrapper):
         return tf.SparseTensorSpec([None] + a.sparse.shape.as_list()[1:], a.sparse.dtype)
     if isinstance(a, tf.RaggedTensor):

@@ -229,3 +229,60 @@ def test_mismatched_validation_data_is_refused_before_training():
     with pytest.raises(ValueError, match=r"validation_data.*`x` has 10 samples, `y` has 9"):
         SafeTrainer(model).fit(x, y, validation_data=(x[:10], y[:9]), verbose=0)
     assert_untrained(model, before)
+
+
+# -- inputs Keras accepts: dicts matched by name, optional inputs fed None -------------------------------
+
+
+def _two_input_model():
+    keras.utils.set_random_seed(0)
+    first, second = keras.Input((3,), name="zeta"), keras.Input((2,), name="alpha")  # sorted names != list order
+    out = keras.layers.Dense(1)(keras.layers.Concatenate()([first, keras.layers.Dense(3)(second)]))
+    model = keras.Model([first, second], out)
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def test_a_dict_of_inputs_is_matched_by_name_to_a_list_input_model_as_in_keras():
+    rng = np.random.default_rng(0)
+    x = {"alpha": rng.random((24, 2), dtype=np.float32), "zeta": rng.random((24, 3), dtype=np.float32)}
+    y = rng.random((24, 1), dtype=np.float32)
+    expected = _two_input_model().fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history["loss"]
+    trainer = SafeTrainer(_two_input_model())
+    got = trainer.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    bad = {"alpha": x["alpha"], "zeta": x["zeta"][:, :2]}
+    with pytest.raises(ValueError, match=r"`x\['zeta'\]` has shape \(None, 2\) per batch, but the model expects"):
+        trainer.fit(bad, y, verbose=0)
+
+
+def _optional_input_model():
+    class AddIfGiven(keras.layers.Layer):
+        def call(self, a, b=None):
+            return a if b is None else a + b
+
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((3,), name="a"), keras.Input((3,), name="b", optional=True)
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(AddIfGiven()(a, b)))
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def test_an_optional_input_fed_none_trains_evaluates_and_predicts_as_in_keras():
+    x = {"a": np.linspace(0, 1, 48, dtype="float32").reshape(16, 3), "b": None}
+    y = np.ones((16, 1), "float32")
+    plain = _optional_input_model()
+    expected = plain.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0).history["loss"]
+    trainer = SafeTrainer(_optional_input_model())
+    got = trainer.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert trainer.evaluate(x, y, verbose=0) == pytest.approx(plain.evaluate(x, y, verbose=0), rel=1e-6)
+    np.testing.assert_allclose(trainer.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_a_required_input_fed_none_gets_keras_wording_before_any_step():
+    trainer = SafeTrainer(_optional_input_model())
+    x = {"a": None, "b": np.ones((8, 3), "float32")}
+    with pytest.raises(ValueError, match=r"The input 'a' is not optional, but None was passed"):
+        trainer.fit(x, np.ones((8, 1), "float32"), verbose=0)
+    assert int(trainer.model.optimizer.iterations) == 0

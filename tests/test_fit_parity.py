@@ -209,3 +209,15 @@ def test_without_a_global_seed_each_epoch_and_fit_get_a_fresh_order():
     assert not first.keras_order
     assert all(sorted(o) == list(range(64)) for o in orders)
     assert len({tuple(o) for o in orders}) == 3
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_validation_inside_fit_computes_exactly_what_model_evaluate_computes(jit_compile):
+    x, y = regression_data(n=90)
+    model = make_mlp(jit_compile=jit_compile, optimizer=keras.optimizers.SGD(0.01, use_ema=True, ema_momentum=0.9))
+    history = SafeTrainer(model).fit(
+        x, y, batch_size=16, epochs=2, validation_data=(x, y), verbose=0, callbacks=[keras.callbacks.SwapEMAWeights()]
+    )
+    logs = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)  # Keras's own, same weights
+    assert history.history["val_loss"][-1] == logs["loss"]  # exactly, not approximately
+    assert history.history["val_mae"][-1] == logs["mae"]
