@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,7 @@ class TrainerActions:
         isolation.restart_process()
         return True  # not reached
 
-    def sample_memory(self, epoch: int | None = None) -> memory.MemorySample:
+    def sample_memory(self, epoch: int | None = None, step: int | None = None) -> memory.MemorySample:
         """Read memory now; in a multi-worker run `rss_mb` is the largest over all workers (a collective:
         every worker calls it at the same point, which the trainer and policies do).
 
@@ -153,6 +154,8 @@ class TrainerActions:
             412.5
         """
         sample = memory.sample(epoch, self.steps.trace_counts)
+        if step is not None:
+            sample = dataclasses.replace(sample, step=step)
         if distributed.is_multi_worker(self.strategy):
             per_worker = distributed.per_worker_values(self.strategy, sample.rss_mb)
             sample = memory.MemorySample(

@@ -146,6 +146,15 @@ class Batches:
             return self._array_dataset(epoch)
         return self._dataset
 
+    def single_batch(self):
+        """For arrays that make one unshuffled batch: that batch, as tensors (a pass over it needs no
+        `tf.data` pipeline, whose set-up costs more than the step on a small input); else None."""
+        if self._arrays is None or self.num_batches != 1 or self.shuffle:
+            return None
+        if not all(x is None or isinstance(x, tf.Tensor) for x in tree.flatten(self._arrays)):
+            return None  # sparse wrappers and the like are sliced by the pipeline
+        return self._arrays
+
     def order(self, epoch: int) -> np.ndarray:
         """Sample order of epoch `epoch` for array inputs: a pure function of `(seed, epoch)`.
 

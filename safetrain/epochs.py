@@ -40,7 +40,11 @@ class EpochIterator:
     """
 
     def __init__(
-        self, batches: Batches, steps_per_epoch: int | None = None, strategy: tf.distribute.Strategy | None = None
+        self,
+        batches: Batches,
+        steps_per_epoch: int | None = None,
+        strategy: tf.distribute.Strategy | None = None,
+        direct: bool = False,
     ) -> None:
         self.batches = batches
         self.steps_per_epoch = steps_per_epoch
@@ -51,6 +55,12 @@ class EpochIterator:
         self.position = DataPosition()
         self._exhausted = False
         self.element_spec = batches.element_spec
+        #: With `direct` (evaluate, predict), the whole pass as one batch of tensors when it is one unshuffled
+        #: batch of arrays on one replica: the step then runs on it directly, without a `tf.data` iterator
+        #: (see `Batches.single_batch`).
+        self.batch = None
+        if direct and steps_per_epoch in (None, 1) and (strategy is None or strategy.num_replicas_in_sync == 1):
+            self.batch = batches.single_batch()
 
     def _new_iterator(self, epoch: int, skip: int = 0):
         ds = self.batches.dataset(epoch)
@@ -72,7 +82,10 @@ class EpochIterator:
     def start(self, epoch: int) -> None:
         """Begin epoch `epoch`: a fresh iterator unless one persists across epochs (`steps_per_epoch`)."""
         self.batches.on_epoch_begin()
-        if self.iterator is None or self.steps_per_epoch is None:
+        if self.batch is not None:
+            self.position.pass_epoch = epoch
+            self.position.pass_batches = 0
+        elif self.iterator is None or self.steps_per_epoch is None:
             self.iterator = self._new_iterator(epoch)
             self.position.pass_batches = 0
         self.position.epoch_steps = 0

@@ -204,7 +204,7 @@ class Loop:
         trainer.model.reset_metrics()
         trainer.model.stop_evaluating = False
         self.callbacks.on_test_begin()
-        data = EpochIterator(batches, self._in_executions(steps), trainer.strategy)
+        data = EpochIterator(batches, self._in_executions(steps), trainer.strategy, direct=True)
         data.start(0)
         try:
             logs = self.run_pass("test", data, self.chunk_sizer("test"))
@@ -227,7 +227,7 @@ class Loop:
 
         trainer.model.stop_predicting = False
         self.callbacks.on_predict_begin()
-        data = EpochIterator(batches, self._in_executions(steps), trainer.strategy)
+        data = EpochIterator(batches, self._in_executions(steps), trainer.strategy, direct=True)
         data.start(0)
         try:
             self.run_pass("predict", data, self.chunk_sizer("predict"), on_output=keep)
@@ -284,7 +284,10 @@ class Loop:
         before = _iterations(trainer.model) if counting else None
         t0 = time.perf_counter()
         try:
-            ran, outputs = step.run(data.iterator, n, data.element_spec, exact=remaining is not None)
+            if data.batch is not None:  # one small batch: the step on it directly, no tf.data iterator
+                ran, outputs = 1, step.run_step(data.batch, data.element_spec)
+            else:
+                ran, outputs = step.run(data.iterator, n, data.element_spec, exact=remaining is not None)
         except tf.errors.ResourceExhaustedError as error:
             if before is None or not trainer.oom_recovery:
                 raise

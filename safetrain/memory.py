@@ -100,6 +100,8 @@ class MemorySample:
     time: float = 0.0
     # In a multi-worker run: each worker's RSS, in worker order (`rss_mb` is then their maximum).
     worker_rss_mb: tuple[float, ...] | None = None
+    # The trainer's global step when read (set for samples taken between `train_on_batch` calls).
+    step: int | None = None
 
     def as_logs(self) -> dict[str, float]:
         """The keys this sample adds to Keras epoch logs (`rss_mb`, and `device_mb`/`device_peak_mb` on GPU)."""

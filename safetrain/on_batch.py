@@ -6,11 +6,14 @@
 Same signatures and results as Keras's: metrics are reset before each call, results come back as Python
 numbers (a list in metric order, or a dict with `return_dict=True`). The batch is converted as `fit` converts
 arrays, and the step is the trainer's compiled step for any batch size, so calls with new batch sizes do not
-trace again. Policies that asked for `every_n_batches` hear the training steps these calls make.
+trace again. Policies that asked for `every_n_batches` hear the training steps these calls make, and every
+`MEMORY_EVERY` training calls `trainer.memory` gets a sample (`epoch` None, `step` the global step), so a loop
+of `train_on_batch` calls has the memory series `fit` epochs would give.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
@@ -23,11 +26,15 @@ from safetrain.tensors import as_tensors
 if TYPE_CHECKING:
     import keras
 
+    from safetrain.memory import MemoryLog, MemorySample
     from safetrain.policies import PolicyList
     from safetrain.state import TrainingProgress
     from safetrain.steps import Steps
 
-__all__ = ["OnBatch"]
+__all__ = ["OnBatch", "MEMORY_EVERY"]
+
+#: `train_on_batch` calls between two samples of `trainer.memory` (a sample costs about 20 µs).
+MEMORY_EVERY = 100
 
 
 class OnBatch:
@@ -37,6 +44,8 @@ class OnBatch:
     progress: TrainingProgress
     policies: PolicyList
     steps: Steps
+    memory: MemoryLog
+    sample_memory: Callable[..., MemorySample]  # TrainerActions'
 
     def build(self, spec, training: bool = True) -> None: ...  # StepSurface's
 
@@ -68,8 +77,11 @@ class OnBatch:
         self.model.reset_metrics()
         logs = self.steps["train"].run_step(data, spec)
         self.progress.global_step += 1
+        step = self.progress.global_step
+        if step % MEMORY_EVERY == 0:
+            self.memory.append(self.sample_memory(step=step))
         if self.policies.wants_batches:
-            self.policies.on_batch_end(self, self.progress.global_step)
+            self.policies.on_batch_end(self, step)
         return self._results(logs, return_dict)
 
     def test_on_batch(self, x, y=None, sample_weight=None, return_dict: bool = False):

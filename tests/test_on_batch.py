@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import regression_data
+from conftest import make_mlp, regression_data
 
 from safetrain import MemoryBudget, Policy, SafeTrainer
 
@@ -76,3 +76,38 @@ def test_train_on_batch_needs_an_optimizer_like_fit():
     plain = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match=r"You must call `compile\(\)`"):
         SafeTrainer(plain).train_on_batch(x[:4], y[:4])
+
+
+def test_predict_and_evaluate_on_one_batch_take_the_direct_path_with_keras_results():
+    model = make_mlp()
+    trainer = SafeTrainer(model)
+    small_x, small_y = x[:5], y[:5]
+    batches = []
+    cb = keras.callbacks.LambdaCallback(on_predict_batch_end=lambda batch, logs: batches.append(batch))
+    for _ in range(3):
+        np.testing.assert_allclose(
+            trainer.predict(small_x, verbose=0, callbacks=[cb]), model.predict(small_x, verbose=0), rtol=1e-6
+        )
+        assert trainer.evaluate(small_x, small_y, verbose=0) == pytest.approx(
+            model.evaluate(small_x, small_y, verbose=0), rel=1e-6
+        )
+    assert batches == [0, 0, 0]
+    assert trainer.trace_counts == {"train": 0, "test": 1, "predict": 1}
+    # the same compiled steps serve inputs of several batches
+    np.testing.assert_allclose(
+        trainer.predict(x, batch_size=8, verbose=0), model.predict(x, batch_size=8, verbose=0), rtol=1e-6
+    )
+    assert trainer.trace_counts["predict"] == 1
+
+
+def test_train_on_batch_loops_get_memory_samples_and_memory_policies():
+    from safetrain import on_batch
+
+    budget = MemoryBudget(max_rss_mb=1e9, action="stop", check_every=50)  # never exceeded: counts its checks
+    trainer = SafeTrainer(make_mlp(), policies=[budget])
+    for _ in range(2 * on_batch.MEMORY_EVERY + 10):
+        trainer.train_on_batch(x[:8], y[:8])
+    samples = list(trainer.memory)
+    assert [s.step for s in samples] == [on_batch.MEMORY_EVERY, 2 * on_batch.MEMORY_EVERY]
+    assert all(s.epoch is None and s.rss_mb > 50 and s.traces["train"] == 1 for s in samples)
+    assert budget.events == []  # checked, never over
