@@ -12,7 +12,9 @@ import numpy as np
 
 from safetrain import Checkpoint, SafeTrainer
 
-directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="safetrain_ckpt_")
+# The checkpoint folder: the one given, else a temporary one, removed at the end.
+own_directory = tempfile.TemporaryDirectory(prefix="safetrain_ckpt_") if len(sys.argv) < 2 else None
+directory = sys.argv[1] if own_directory is None else own_directory.name
 rng = np.random.default_rng(0)
 x = rng.standard_normal((2048, 16)).astype("float32")
 y = x[:, :1] * 2.0
@@ -46,3 +48,5 @@ print(
     f"first run: {len(first.epoch)} epochs; second run resumed from {policy.resumed_from.split('/')[-1]} "
     f"and ended at epoch {second.epoch[-1] + 1} with loss {second.history['loss'][-1]:.4f}"
 )
+if own_directory is not None:
+    own_directory.cleanup()

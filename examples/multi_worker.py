@@ -10,6 +10,7 @@ running the same commands again resumes where the run stopped.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,8 @@ if "TF_CONFIG" not in os.environ:  # the local demo: be the launcher
         with socket.socket() as s:
             s.bind(("localhost", 0))
             ports.append(s.getsockname()[1])
-    directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="safetrain_multi_worker_")
+    own_directory = len(sys.argv) < 2  # a folder of our own, removed when the workers are done
+    directory = sys.argv[1] if not own_directory else tempfile.mkdtemp(prefix="safetrain_multi_worker_")
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, directory],
@@ -34,7 +36,10 @@ if "TF_CONFIG" not in os.environ:  # the local demo: be the launcher
         )
         for i in range(2)
     ]
-    sys.exit(max(p.wait() for p in procs))
+    code = max(p.wait() for p in procs)
+    if own_directory:
+        shutil.rmtree(directory, ignore_errors=True)
+    sys.exit(code)
 
 import tensorflow as tf  # noqa: E402
 

@@ -59,7 +59,8 @@ def _release_previous_models() -> None:
 
 def _limit_epochs(epochs: int) -> int:
     """`keras.config.set_max_epochs` caps every fit's epochs, as in `model.fit`."""
-    limit = keras.config.max_epochs()
+    read = getattr(keras.config, "max_epochs", None)  # Keras 3.9+
+    limit = read() if read is not None else None
     if limit and limit < epochs:
         warnings.warn(f"Limiting epochs to {limit}", stacklevel=3)
         return int(limit)
@@ -68,7 +69,8 @@ def _limit_epochs(epochs: int) -> int:
 
 def _limit_steps(steps: int | None) -> int | None:
     """`keras.config.set_max_steps_per_epoch` caps the steps of every pass, as in Keras's epoch iterator."""
-    limit = keras.config.max_steps_per_epoch()
+    read = getattr(keras.config, "max_steps_per_epoch", None)  # Keras 3.9+
+    limit = read() if read is not None else None
     if limit and (not steps or limit < steps):
         warnings.warn(f"Limiting steps_per_epoch to {limit}", stacklevel=3)
         return int(limit)

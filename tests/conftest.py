@@ -1,9 +1,19 @@
 """Shared fixtures: small models and data, built per test with a fixed seed (TensorFlow is imported once)."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Everything this test process and the processes it starts write to the temporary directory (pytest's own
+# folders, TensorFlow's autograph files, the files of scripts killed on purpose) goes into one folder of its
+# own, removed when the process ends: a test run leaves nothing behind in the temporary directory.
+_SESSION_TMP = tempfile.mkdtemp(prefix="safetrain-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMP
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

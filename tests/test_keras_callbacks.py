@@ -1,34 +1,36 @@
-"""Keras's own callback test-suites, with `Model.fit` routed through `SafeTrainer(model).fit`.
+"""Keras's own callback test-suites, with `fit`, `evaluate` and `predict` routed through SafeTrainer by
+`safetrain.install()`, default arguments (what a user switching over gets).
 
 The yardstick the issue names: every callback behaves as it does under `model.fit`. The fixture counts
 the routed calls, so a test class that silently stopped going through safetrain would fail.
 """
 
-import keras
 import pytest
 
-from safetrain import SafeTrainer
+import safetrain
+from safetrain import routing
 
 keras_tests = pytest.importorskip(
     "keras.src.callbacks.early_stopping_test", reason="Keras's test modules are not installed with this Keras"
 )
 
-ROUTED = {"fit": 0}
+ROUTED = {"calls": 0}
 
 # Tests that fail for a known, tracked reason; strict, so they are noticed the day they pass.
 KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True)
-def fit_through_safetrainer(monkeypatch):
-    def fit(self, *args, **kwargs):
-        ROUTED["fit"] += 1
-        # What a user switching over writes (the XLA setting follows the model's, as in model.fit).
-        trainer = SafeTrainer(self)
-        return trainer.fit(*args, **kwargs)
+def routed_through_safetrainer(monkeypatch):
+    make = routing._trainer_for
 
-    monkeypatch.setattr(keras.Model, "fit", fit)
-    yield
+    def counted(model):
+        ROUTED["calls"] += 1
+        return make(model)
+
+    monkeypatch.setattr(routing, "_trainer_for", counted)
+    with safetrain.install():
+        yield
 
 
 import importlib  # noqa: E402
@@ -58,4 +60,4 @@ del _name, _module, _attr, _value
 
 def test_zz_the_keras_suites_went_through_safetrainer():
     # Runs after the imported suites in this module (pytest keeps definition order per module).
-    assert ROUTED["fit"] > 20
+    assert ROUTED["calls"] > 20

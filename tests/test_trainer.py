@@ -302,3 +302,24 @@ def test_ragged_outputs_through_fit_evaluate_and_predict_in_chunks():
     assert isinstance(out, tf.RaggedTensor)
     assert out.to_list() == [[2.0], [4.0, 6.0], [8.0], [10.0, 12.0, 14.0], [16.0]]
     assert trainer.trace_counts["predict"] == 1
+
+
+def test_sparse_outputs_through_predict_in_chunks_as_in_keras():
+    import tensorflow as tf
+
+    class ToSparse(keras.layers.Layer):
+        def call(self, x):
+            return tf.sparse.from_dense(x)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, ToSparse()(keras.layers.Dense(4, activation="relu")(inputs)))
+
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype("float32")
+    expected = build().predict(x, batch_size=4, verbose=0)
+    trainer = SafeTrainer(build(), steps_per_execution=2)
+    got = trainer.predict(x, batch_size=4, verbose=0)
+    assert isinstance(got, tf.SparseTensor) and got.dense_shape.numpy().tolist() == [10, 4]
+    np.testing.assert_array_equal(tf.sparse.to_dense(got).numpy(), tf.sparse.to_dense(expected).numpy())
+    assert trainer.trace_counts["predict"] == 1

@@ -238,6 +238,8 @@ def _patch_tensorflow(rec: _Recorder) -> None:
 def _patch_keras(rec: _Recorder) -> None:
     import keras
 
+    from safetrain import _compat  # imported here: the doctor's child imports TensorFlow only when the script does
+
     depth = threading.local()
     model_init = keras.Model.__init__
 
@@ -273,7 +275,7 @@ def _patch_keras(rec: _Recorder) -> None:
             rec.counts["epochs"] += 1
             rec.event("epoch", api=self.api, epoch=int(epoch), count=rec.counts["epochs"])
             model = self.model
-            for layer in model._flatten_layers(include_self=False) if model is not None else ():
+            for layer in _compat.flatten_layers(model) if model is not None else ():
                 if getattr(layer, "stateful", False):
                     key = f"{model.name}/{layer.name}"
                     entry = rec.stateful.setdefault(
