@@ -21,7 +21,19 @@ from keras.src.backend.tensorflow.trainer import (
     potentially_ragged_concat,  # predict's concat of ragged pieces
     reduce_per_replica,  # Keras's reduction of per-replica outputs
 )
-from keras.src.losses.loss import unscale_loss_for_distribution  # the loss tracker sees the unscaled loss
+
+try:
+    from keras.src.losses.loss import unscale_loss_for_distribution  # the loss tracker sees the unscaled loss
+except ImportError:  # Keras < 3.8: the same few lines, as Keras 3.8+ has them
+
+    def unscale_loss_for_distribution(value):
+        """Multiply a per-replica-scaled loss back by the number of replicas (TensorFlow backend)."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = keras.ops.multiply(value, keras.ops.cast(replicas, value.dtype))
+        return value
+
+
 from keras.src.trainers.data_adapters import (
     array_slicing,  # Keras's array slicing (sparse, ragged, pandas)
     data_adapter_utils,  # pack_x_y_sample_weight
@@ -29,6 +41,17 @@ from keras.src.trainers.data_adapters import (
 )
 from keras.src.trainers.data_adapters.array_data_adapter import can_convert_arrays  # what counts as arrays
 from keras.src.utils.python_utils import pythonify_logs  # epoch logs as Python floats, as model.fit gives
+
+
+def _keras_version() -> tuple[int, int]:
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in keras.version().split(".")[:2])
+    return major, minor
+
+
+#: Since Keras 3.11 a chunk of `steps_per_execution` steps reports `begin + steps_per_execution - 1` to
+#: `on_*_batch_end`; before, it reported `begin` (the epoch iterator yielded one step number). A public
+#: behaviour, but one only the version tells.
+BATCH_END_IS_LAST_STEP = _keras_version() >= (3, 11)
 
 __all__ = [
     "TensorFlowTrainer",
@@ -65,6 +88,7 @@ __all__ = [
     "none_spec",
     "omit_retracing_warning",
     "CUSTOM_GRADIENT_PREFIX",
+    "BATCH_END_IS_LAST_STEP",
 ]
 
 CUSTOM_GRADIENT_PREFIX = "CustomGradient-"

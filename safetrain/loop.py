@@ -307,10 +307,14 @@ class Loop:
             nonfinite = kind == "train" and step.watch_nonfinite and ran > 0 and not _all_finite(outputs)
             data.advance(ran, ran if nonfinite else n)
         if ran:
-            # With a fixed steps_per_execution, Keras reports `begin + steps_per_execution - 1` as a chunk's
-            # last step even when the data ended earlier; batch callbacks hear the same numbers here.
+            # With a fixed steps_per_execution, batch callbacks hear the step numbers Keras gives them: the
+            # chunk's `begin + steps_per_execution - 1` even when the data ended earlier (Keras 3.11+), or
+            # its first step (before).
             fixed = trainer.steps_per_execution
-            last = first + (fixed if isinstance(fixed, int) and ran else ran) - 1
+            if not isinstance(fixed, int):
+                last = first + ran - 1
+            else:
+                last = first + fixed - 1 if _compat.BATCH_END_IS_LAST_STEP else first
             if kind == "predict":
                 if on_output is not None:
                     on_output(outputs)
