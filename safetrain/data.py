@@ -28,7 +28,9 @@ from keras import backend, tree
 from keras.utils import PyDataset, unpack_x_y_sample_weight
 
 from safetrain import _compat
-from safetrain._compat import array_slicing, can_convert_arrays, get_data_adapter
+from safetrain._compat import array_slicing, can_convert_arrays, data_adapter_utils, get_data_adapter
+from safetrain.errors import ConfigurationError
+from safetrain.streaming import ArrayReader
 from safetrain.tensors import as_tensors
 
 __all__ = ["Batches", "as_batches", "relax_spec", "split_validation", "describe_spec"]
@@ -97,6 +99,10 @@ def _check_batch_size(batch_size, name="batch_size"):
         raise ValueError(f"`{name}` must be a positive integer, got {batch_size}.")
 
 
+def _nbytes(tree_of_arrays) -> int:
+    return sum(int(getattr(a, "nbytes", 0) or 0) for a in tree.flatten(tree_of_arrays) if a is not None)
+
+
 def _num_samples(tree_of_arrays) -> set[int]:
     return {int(a.shape[0]) for a in tree.flatten(tree_of_arrays) if a is not None}
 
@@ -124,6 +130,7 @@ class Batches:
         shuffle: bool | str = False,
         seed: int = 0,
         keras_order: bool = False,
+        reader=None,
     ) -> None:
         self.kind = kind
         self.element_spec = element_spec
@@ -138,10 +145,33 @@ class Batches:
         self._adapter = adapter
         self._dataset = dataset
         self._arrays = arrays
+        #: For arrays read batch by batch from the user's own arrays (`streaming.ArrayReader`), else None.
+        self.reader = reader
         self._data = None
+
+    @property
+    def path(self) -> str:
+        """How arrays reach the steps: "stream" (read batch by batch from the user's arrays), "graph" (copied
+        into TensorFlow whole, gathered in the graph), or "adapter" (datasets, generators, PyDataset)."""
+        return "stream" if self.reader is not None else "graph" if self._arrays is not None else "adapter"
+
+    def describe(self) -> str:
+        """One line on the input: its kind, size, batches and how it is read."""
+        head = f"{self.kind}: {self.num_batches} batches"
+        if self.reader is not None:
+            return f"{head} of {self.batch_size}, {self.reader.describe()}"
+        if self._arrays is not None:
+            nbytes = sum(
+                int(np.prod(a.shape)) * a.dtype.size for a in tree.flatten(self._arrays) if isinstance(a, tf.Tensor)
+            )
+            return f"{head} of {self.batch_size}, copied into TensorFlow ({nbytes / 2**20:.1f} MiB), gathered in-graph"
+        return head
 
     def dataset(self, epoch: int = 0) -> tf.data.Dataset:
         """The batches of epoch `epoch` (for arrays, shuffled by `(seed, epoch)`)."""
+        if self.reader is not None:
+            assert self.batch_size is not None
+            return _with_array_options(self.reader.dataset(self.order(epoch), self.batch_size))
         if self._arrays is not None:
             return self._array_dataset(epoch)
         return self._dataset
@@ -149,6 +179,8 @@ class Batches:
     def single_batch(self):
         """For arrays that make one unshuffled batch: that batch, as tensors (a pass over it needs no
         `tf.data` pipeline, whose set-up costs more than the step on a small input); else None."""
+        if self.reader is not None and self.num_batches == 1 and not self.shuffle:
+            return self.reader.batch(np.arange(self.num_samples, dtype=np.int64))
         if self._arrays is None or self.num_batches != 1 or self.shuffle:
             return None
         if not all(x is None or isinstance(x, tf.Tensor) for x in tree.flatten(self._arrays)):
@@ -206,10 +238,7 @@ class Batches:
         ds = tf.data.Dataset.zip((index_batches, self._data)).map(
             grab, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-        options = tf.data.Options()
-        options.experimental_optimization.apply_default_optimizations = False
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+        return _with_array_options(ds).prefetch(tf.data.AUTOTUNE)
 
     def on_epoch_begin(self) -> None:
         if self._adapter is not None:
@@ -218,6 +247,33 @@ class Batches:
     def on_epoch_end(self) -> None:
         if self._adapter is not None:
             self._adapter.on_epoch_end()
+
+
+def _with_array_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+#: `array_path="auto"` streams arrays bigger than this, and memory-mapped ones of any size; smaller arrays in
+#: RAM are copied into TensorFlow (their copy is small, and the in-graph gather needs no Python per batch).
+STREAM_ABOVE_BYTES = 64 * 2**20
+ARRAY_PATHS = ("auto", "stream", "graph")
+
+
+def check_graph_path_memory(nbytes: int, what: str) -> None:
+    """Before copying arrays into TensorFlow: refuse when the copy (two at its peak) exceeds available memory."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if 2 * nbytes > available:
+        raise ConfigurationError(
+            f"{what}: copying the arrays into TensorFlow (array_path='graph') needs about {2 * nbytes / 2**30:.1f} "
+            f"GiB at its peak ({nbytes / 2**30:.1f} GiB of data, twice while it converts), but "
+            f"{available / 2**30:.1f} GiB is available. Use array_path='auto' or 'stream' (batches are read "
+            "from your arrays as needed), or a smaller input."
+        )
 
 
 def keras_shuffle_order(num_samples: int, batch_size: int, shuffle: bool | str, global_seed: int) -> np.ndarray:
@@ -276,7 +332,9 @@ def _check_class_weight(class_weight):
             raise ValueError(f"`class_weight` keys must be non-negative class indices, got key {k!r}.")
 
 
-def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, keras_order, what) -> Batches:
+def _array_batches(
+    x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, keras_order, what, array_path="auto"
+) -> Batches:
     if class_weight is not None:
         if sample_weight is not None:
             raise ValueError("`class_weight` and `sample_weight` cannot both be given; pass one.")
@@ -311,14 +369,29 @@ def _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps
         sample_weight = class_weight_to_sample_weight(y, class_weight)
     if not batch_size:
         batch_size = int(math.ceil(n / steps)) if steps else 32
-    arrays, spec = as_tensors(x, y, sample_weight)
     if shuffle not in (True, False, "batch"):
         raise ValueError(f"`shuffle` must be True, False or 'batch', got {shuffle!r}.")
+    reader = None
+    if array_path != "graph":
+        reader = ArrayReader.of(data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight))
+        if reader is None and array_path == "stream":
+            raise ConfigurationError(
+                f"{what}: array_path='stream' reads numeric NumPy arrays (also memory-mapped) or pandas objects; "
+                "this input holds tensors, strings or sparse data. Use array_path='auto' or 'graph'."
+            )
+        if reader is not None and array_path == "auto":
+            reader = reader if reader.in_memory_map or reader.nbytes > STREAM_ABOVE_BYTES else None
+    if reader is not None:
+        arrays, spec = None, reader.spec
+    else:
+        check_graph_path_memory(_nbytes((x, y, sample_weight)), what)
+        arrays, spec = as_tensors(x, y, sample_weight)
     return Batches(
         "arrays",
         relax_spec(spec),
         int(math.ceil(n / batch_size)),
         arrays=arrays,
+        reader=reader,
         num_samples=n,
         batch_size=int(batch_size),
         shuffle=shuffle,
@@ -339,6 +412,7 @@ def as_batches(
     seed: int = 0,
     keras_order: bool = False,
     what: str = "fit",
+    array_path: str = "auto",
 ) -> Batches:
     """Validate one input and return its `Batches`.
 
@@ -362,7 +436,11 @@ def as_batches(
                 type(a).__name__ for a in tree.flatten((x, y, sample_weight)) if not array_slicing.can_slice_array(a)
             ]
             raise TypeError(f"{what}: `x` must be {_ACCEPTED}; got unsupported type(s) {sorted(set(bad))}.")
-        return _array_batches(x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, keras_order, what)
+        if array_path not in ARRAY_PATHS:
+            raise ValueError(f"`array_path` must be one of {ARRAY_PATHS}, got {array_path!r}.")
+        return _array_batches(
+            x, y, sample_weight, batch_size, shuffle, class_weight, steps, seed, keras_order, what, array_path
+        )
 
     for name, value in (("y", y), ("sample_weight", sample_weight)):
         if value is not None:

@@ -124,6 +124,13 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         oom_recovery: when a training step runs out of memory (`tf.errors.ResourceExhaustedError`), drop
             it, retry that batch in microbatches, halving until it fits, and keep that size for the rest of
             the run (see `trainer.oom_events`).
+        array_path: how NumPy/pandas arrays reach the steps. "stream": batches are read from your arrays as
+            they are needed (rows in sorted order, a few batches ahead), so memory does not grow with the
+            data and a memory-mapped file is never read whole; "graph": the arrays are copied into
+            TensorFlow once (two copies at the peak; refused when that exceeds available memory) and
+            batches gathered in-graph; "auto" (default): "stream" for memory-mapped arrays and arrays over
+            64 MiB, "graph" below. Tensors, strings and sparse inputs always take "graph". The same numbers
+            either way; `trainer.train_batches.describe()` says which was taken.
         check_inputs: refuse NaN/Inf in float inputs: arrays are scanned before training (naming the first
             bad sample), other inputs are checked inside each step (naming the batch).
 
@@ -150,6 +157,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         microbatch_size: int | None = None,
         oom_recovery: bool = True,
         check_inputs: bool = False,
+        array_path: str = "auto",
     ) -> None:
         if steps_per_execution not in ("auto", None):
             check_int("steps_per_execution", steps_per_execution, 1)
@@ -203,6 +211,9 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.memory = memory.MemoryLog()
         self.oom_recovery = bool(oom_recovery)
         self.check_inputs = bool(check_inputs)
+        if array_path not in data_module.ARRAY_PATHS:
+            raise ValueError(f"`array_path` must be one of {data_module.ARRAY_PATHS}, got {array_path!r}.")
+        self.array_path = array_path
         self.steps = Steps(self.step_method, self.strategy, jit_compile, self.check_inputs)
         self.is_chief = distributed.is_chief(self.strategy)  # False on every worker but one
         self.progress = TrainingProgress()
@@ -257,6 +268,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             seed=self.progress.data_seed,
             keras_order=self.progress.keras_order,
             what=what,
+            array_path=self.array_path,
         )
 
     @distributed.reports_worker_failures
@@ -320,6 +332,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
                 shuffle=False,
                 steps=validation_steps,
                 what="fit (validation_data)",
+                array_path=self.array_path,
             )
             check_data(self.model, val, vx, vy, vsw, "fit (validation_data)", self.check_inputs)
         self.build(train.element_spec)
@@ -370,7 +383,14 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         verbose = resolve_verbose(verbose)
         self.require_compiled("evaluate")
         batches = data_module.as_batches(
-            x, y, sample_weight, batch_size=batch_size, shuffle=False, steps=steps, what="evaluate"
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            shuffle=False,
+            steps=steps,
+            what="evaluate",
+            array_path=self.array_path,
         )
         check_data(self.model, batches, x, y, sample_weight, "evaluate", self.check_inputs)
         self.build(batches.element_spec)
@@ -406,7 +426,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         check_int("steps", steps, 1, allow_none=True)
         verbose = resolve_verbose(verbose)
         batches = data_module.as_batches(
-            x, None, None, batch_size=batch_size, shuffle=False, steps=steps, what="predict"
+            x, None, None, batch_size=batch_size, shuffle=False, steps=steps, what="predict", array_path=self.array_path
         )
         self.build(batches.element_spec, training=False)
         steps = _limit_steps(steps)

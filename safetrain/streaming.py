@@ -1,0 +1,142 @@
+"""Arrays read batch by batch from the user's own arrays: memory that does not grow with the data.
+
+    reader = ArrayReader.of((x, y, None))          # None when some leaf cannot be streamed
+    dataset = reader.dataset(order, batch_size)    # batches in `order`, read as they are needed
+
+The in-graph path (`tf.convert_to_tensor` on the whole array, then `tf.gather`) copies the data into
+TensorFlow, and peaks at two copies while it converts; a memory-mapped file is read into memory whole. Here
+each batch's rows are read from the NumPy array (in RAM or memory-mapped) by a `tf.numpy_function`, several
+batches per call (one Python call per `GROUP` batches keeps the per-batch cost below the in-graph gather's),
+rows in sorted order (a memory map reads near-sequentially), then put back in the batch's order and converted
+as `fit` converts arrays (floats to `floatx`). Prefetch is bounded (`PREFETCH` groups).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from keras import backend, tree
+
+__all__ = ["ArrayReader", "GROUP", "PREFETCH", "streamable"]
+
+#: Batches read per Python call.
+GROUP = 16
+#: Groups of batches read ahead.
+PREFETCH = 2
+
+
+def _as_numpy(a):
+    """A NumPy view of a pandas object (no copy when its columns share one dtype); NumPy arrays as they are."""
+    if isinstance(a, np.ndarray):
+        return a
+    to_numpy = getattr(a, "to_numpy", None)
+    if callable(to_numpy) and type(a).__module__.startswith("pandas"):
+        return to_numpy()
+    return None
+
+
+def streamable(leaf) -> bool:
+    """Can this leaf be read batch by batch: a numeric NumPy array (also `np.memmap`) or a pandas object."""
+    if leaf is None:
+        return True
+    a = _as_numpy(leaf)
+    return a is not None and a.ndim >= 1 and a.dtype.kind in "biuf"
+
+
+def _out_dtype(a: np.ndarray) -> np.dtype:
+    return np.dtype(backend.floatx()) if a.dtype.kind == "f" else a.dtype
+
+
+class ArrayReader:
+    """Reads batches of rows from a structure of arrays (`(x, y, sample_weight)` as Keras packs it).
+
+    Attributes:
+        nbytes: the size of the arrays (what the in-graph path would copy into TensorFlow).
+        spec: the element spec of one batch (batch dimension `None`), as the in-graph path gives it.
+    """
+
+    def __init__(self, structure) -> None:
+        self.structure = tree.lists_to_tuples(structure)
+        flat = tree.flatten(self.structure)
+        self._slots = [i for i, a in enumerate(flat) if a is not None]
+        self.arrays = [_as_numpy(flat[i]) for i in self._slots]
+        self.dtypes = [_out_dtype(a) for a in self.arrays]
+        self.nbytes = int(sum(a.nbytes for a in self.arrays))
+        self._flat_template = flat
+        specs = list(flat)
+        for slot, a, dt in zip(self._slots, self.arrays, self.dtypes):
+            specs[slot] = tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(dt))
+        self.spec = tree.pack_sequence_as(self.structure, specs)
+
+    @classmethod
+    def of(cls, structure) -> ArrayReader | None:
+        """A reader for `structure`, or None when some leaf cannot be streamed (tensors, strings, sparse)."""
+        flat = tree.flatten(tree.lists_to_tuples(structure))
+        if not any(a is not None for a in flat) or not all(streamable(a) for a in flat):
+            return None
+        return cls(structure)
+
+    @property
+    def in_memory_map(self) -> bool:
+        return any(isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in self.arrays)
+
+    def read(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The rows `indices` (in that order) of every array, converted; rows are read in sorted order."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and np.all(indices[1:] - indices[:-1] == 1):
+            start, stop = int(indices[0]), int(indices[-1]) + 1  # consecutive: one slice, no fancy indexing
+            return [np.asarray(a[start:stop], dtype=dt) for a, dt in zip(self.arrays, self.dtypes)]
+        order = np.argsort(indices, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        ordered = indices[order]
+        return [np.asarray(a[ordered], dtype=dt)[inverse] for a, dt in zip(self.arrays, self.dtypes)]
+
+    def batch(self, indices: np.ndarray):
+        """One batch as tensors in the packed structure."""
+        flat = list(self._flat_template)
+        for slot, values in zip(self._slots, self.read(indices)):
+            flat[slot] = tf.convert_to_tensor(values)
+        return tree.pack_sequence_as(self.structure, flat)
+
+    def dataset(self, order: np.ndarray, batch_size: int) -> tf.data.Dataset:
+        """The batches of `order` (sample indices, one epoch), `batch_size` each (the last one may be smaller)."""
+        n = int(order.size)
+        full = (n // batch_size) * batch_size
+        grouped = (full // (GROUP * batch_size)) * GROUP * batch_size
+        pieces = []  # index arrays of shape (batches, rows per batch)
+        if grouped:
+            pieces.append(tf.data.Dataset.from_tensor_slices(order[:grouped].reshape(-1, GROUP, batch_size)))
+        if full > grouped:
+            pieces.append(tf.data.Dataset.from_tensors(order[grouped:full].reshape(-1, batch_size)))
+        if n > full:
+            pieces.append(tf.data.Dataset.from_tensors(order[full:].reshape(1, -1)))
+        indices = pieces[0]
+        for piece in pieces[1:]:
+            indices = indices.concatenate(piece)
+        dtypes = [tf.as_dtype(dt) for dt in self.dtypes]
+        row_shapes = [a.shape[1:] for a in self.arrays]
+
+        def read_group(group: np.ndarray):
+            batches, rows = group.shape
+            values = self.read(group.reshape(-1))
+            return [v.reshape(batches, rows, *shape) for v, shape in zip(values, row_shapes)]
+
+        def read(group):
+            values = tf.numpy_function(read_group, [group], dtypes, stateful=False)
+            return tuple(tf.ensure_shape(v, [None, None, *shape]) for v, shape in zip(values, row_shapes))
+
+        def pack(*values):
+            flat: list[Any] = list(self._flat_template)
+            for slot, v in zip(self._slots, values):
+                flat[slot] = v
+            return tree.pack_sequence_as(self.structure, flat)
+
+        ds = indices.map(read, num_parallel_calls=2, deterministic=True).prefetch(PREFETCH).unbatch()
+        return ds.map(pack)
+
+    def describe(self) -> str:
+        where = "memory-mapped" if self.in_memory_map else "in memory"
+        return f"streamed from {len(self.arrays)} NumPy array(s), {self.nbytes / 2**20:.1f} MiB {where}"

@@ -1,0 +1,171 @@
+"""Arrays read batch by batch (`array_path="stream"`): the same batches, order and numbers as the in-graph
+path and as `model.fit`, with memory that does not grow with the data."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_mlp, regression_data
+
+from safetrain import ConfigurationError, MemoryBudget, SafeTrainer
+from safetrain.data import as_batches
+
+
+def flat_batches(batches, epoch=0):
+    return [[t.numpy() for t in tf.nest.flatten(b)] for b in batches.dataset(epoch)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for xa, xb in zip(a, b):
+        assert len(xa) == len(xb)
+        for ta, tb in zip(xa, xb):
+            assert ta.dtype == tb.dtype
+            np.testing.assert_array_equal(ta, tb)
+
+
+RNG = np.random.default_rng(0)
+INPUTS = {
+    "float64 x, int y": (RNG.standard_normal((203, 5)), RNG.integers(0, 3, (203,)), None),
+    "dict x, sample_weight": (
+        {"a": RNG.random((203, 2), dtype=np.float32), "b": RNG.integers(0, 9, (203, 3))},
+        RNG.random((203, 1), dtype=np.float32),
+        RNG.random((203,)),
+    ),
+    "list x, 3-d rows": ([RNG.random((203, 4, 2)), RNG.random((203, 1))], RNG.random((203, 2)), None),
+}
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+@pytest.mark.parametrize("shuffle, keras_order", [(False, False), (True, False), ("batch", False), (True, True)])
+def test_streamed_batches_are_the_graph_path_batches_in_the_same_order(name, shuffle, keras_order):
+    x, y, sw = INPUTS[name]
+    kwargs = dict(batch_size=16, shuffle=shuffle, seed=7, keras_order=keras_order)
+    graph = as_batches(x, y, sw, array_path="graph", **kwargs)
+    stream = as_batches(x, y, sw, array_path="stream", **kwargs)
+    assert (graph.path, stream.path) == ("graph", "stream")
+    assert stream.element_spec == graph.element_spec and stream.num_batches == graph.num_batches == 13
+    for epoch in (0, 3):
+        assert_same_batches(flat_batches(stream, epoch), flat_batches(graph, epoch))
+
+
+def test_class_weight_and_validation_split_stream_as_well():
+    x, y = regression_data(n=120)
+    labels = (y[:, 0] > 0).astype("int64")
+    graph = as_batches(x, labels, class_weight={0: 1.0, 1: 3.0}, batch_size=32, array_path="graph")
+    stream = as_batches(x, labels, class_weight={0: 1.0, 1: 3.0}, batch_size=32, array_path="stream")
+    assert_same_batches(flat_batches(stream), flat_batches(graph))
+
+
+def test_a_streamed_fit_gives_model_fit_numbers_with_default_shuffle():
+    x, y = regression_data(n=300)
+    expected = make_mlp(dropout=0.1).fit(x, y, batch_size=16, epochs=3, validation_split=0.2, verbose=0).history
+    trainer = SafeTrainer(make_mlp(dropout=0.1), array_path="stream")
+    history = trainer.fit(x, y, batch_size=16, epochs=3, validation_split=0.2, verbose=0).history
+    assert trainer.train_batches.path == "stream" and "streamed from" in trainer.train_batches.describe()
+    assert history.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(history[key], expected[key], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(trainer.predict(x, verbose=0), trainer.model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_rehydration_mid_epoch_stays_bit_identical_when_streaming():
+    x, y = regression_data(n=160)
+
+    def run(policies):
+        trainer = SafeTrainer(make_mlp(dropout=0.2), policies=policies, array_path="stream")
+        history = trainer.fit(x, y, batch_size=16, epochs=2, verbose=0).history
+        return trainer, history
+
+    plain, plain_history = run([])
+    rehydrated, history = run([MemoryBudget(1.0, action="rehydrate", check_every=3)])  # always over: every 3 steps
+    assert rehydrated.rehydrations > 4
+    assert history == plain_history
+    for a, b in zip(plain.model.get_weights(), rehydrated.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_streams_memory_maps_and_big_arrays_and_copies_small_ones(tmp_path):
+    x, y = regression_data(n=64)
+    assert as_batches(x, y).path == "graph"
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype="float32", shape=x.shape)
+    mapped[:] = x
+    assert as_batches(mapped, y).path == "stream"
+    assert as_batches(tf.constant(x), y).path == "graph"  # tensors stay in TensorFlow
+    with pytest.raises(ConfigurationError, match=r"array_path='stream' reads numeric NumPy arrays"):
+        as_batches(tf.constant(x), y, array_path="stream")
+    with pytest.raises(ValueError, match=r"`array_path` must be one of"):
+        SafeTrainer(make_mlp(), array_path="disk")
+
+
+def test_graph_path_refuses_a_copy_bigger_than_available_memory(monkeypatch):
+    import psutil
+
+    class Tiny:
+        available = 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    x, y = regression_data(n=64)
+    with pytest.raises(ConfigurationError, match=r"needs about .* GiB at its peak .* is available"):
+        as_batches(x, y, array_path="graph")
+    assert as_batches(x, y, array_path="stream").path == "stream"  # nothing to copy
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np, keras
+    from safetrain import SafeTrainer
+    from safetrain.memory import anon_mb
+    path, rows = sys.argv[1], int(sys.argv[2])
+    x = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(rows, 256))
+    for i in range(0, rows, 65536):
+        x[i:i + 65536] = np.float32(i % 7)
+    x.flush(); del x
+    x = np.load(path, mmap_mode="r")
+    y = np.zeros((rows, 1), "float32")
+    model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    trainer = SafeTrainer(model)
+    peak = [anon_mb()]
+    class Peak(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            peak.append(anon_mb())
+    before = anon_mb()
+    trainer.fit(x, y, batch_size=256, epochs=1, steps_per_epoch=100, verbose=0, callbacks=[Peak()])
+    print(json.dumps({"growth": max(peak) - before, "path": trainer.train_batches.path}))
+    """
+)
+
+
+def test_a_memory_mapped_input_is_not_read_into_memory(tmp_path):
+    """256 MiB on disk; the in-graph path would add 512 MiB at its peak (measured in a fresh process)."""
+    script = tmp_path / "mapped.py"
+    script.write_text(MEMORY_SCRIPT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    rows = 256 * 2**20 // (256 * 4)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "x.npy"), str(rows)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["path"] == "stream"
+    assert result["growth"] < 64, result  # MiB of anonymous memory added during fit
+
+
+def test_keras_sequence_of_inputs_kinds_still_take_their_own_paths():
+    x, y = regression_data(n=40)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    assert as_batches(ds).path == "adapter"
+    assert as_batches([keras.ops.convert_to_numpy(x)], y, array_path="stream").path == "stream"
