@@ -256,9 +256,6 @@ def _with_array_options(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-#: `array_path="auto"` streams arrays bigger than this, and memory-mapped ones of any size; smaller arrays in
-#: RAM are copied into TensorFlow (their copy is small, and the in-graph gather needs no Python per batch).
-STREAM_ABOVE_BYTES = 64 * 2**20
 ARRAY_PATHS = ("auto", "stream", "graph")
 
 
@@ -379,8 +376,6 @@ def _array_batches(
                 f"{what}: array_path='stream' reads numeric NumPy arrays (also memory-mapped) or pandas objects; "
                 "this input holds tensors, strings or sparse data. Use array_path='auto' or 'graph'."
             )
-        if reader is not None and array_path == "auto":
-            reader = reader if reader.in_memory_map or reader.nbytes > STREAM_ABOVE_BYTES else None
     if reader is not None:
         arrays, spec = None, reader.spec
     else:

@@ -214,16 +214,14 @@ class Loop:
         self.callbacks.on_test_end(logs)
         return logs
 
-    def predict(self, batches: Batches, steps: int | None) -> list:
-        """One prediction pass; returns the outputs of each chunk, as NumPy (ragged/sparse kept as tensors)."""
-        trainer, pieces = self.trainer, []
-
-        def keep(outputs):
-            pieces.append(
-                tree.map_structure(
-                    lambda t: t if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) else t.numpy(), outputs
-                )
-            )
+    def predict(self, batches: Batches, steps: int | None, out=None):
+        """One prediction pass; returns the outputs (the structure the model gives, as NumPy; ragged and sparse
+        outputs as tensors). With a known number of samples, dense outputs are written into one array per
+        output as they come (or into `out`), not gathered in pieces and concatenated (two copies at the peak).
+        """
+        trainer = self.trainer
+        collected = PredictOutputs(batches.num_samples if steps is None else None, out)
+        keep = collected.add
 
         trainer.model.stop_predicting = False
         self.callbacks.on_predict_begin()
@@ -234,7 +232,7 @@ class Loop:
         finally:
             data.finish()
         self.callbacks.on_predict_end()
-        return pieces
+        return collected.result()
 
     # -- one pass, chunk by chunk --------------------------------------------------------------------------
     def chunk_sizer(self, kind: str) -> ChunkSizer:
@@ -356,6 +354,66 @@ def _epoch_logs(model, logs) -> dict:
     if isinstance(logs, dict) and set(logs) == set(metric_logs):
         return metric_logs
     return logs if logs is not None else {}
+
+
+class PredictOutputs:
+    """Where `predict` puts its outputs, chunk by chunk.
+
+    With `total` samples known and dense outputs, each output leaf is one array of `total` rows (allocated at
+    the first chunk, or the caller's `out`: a NumPy array or memmap, or a structure of them), filled as chunks
+    come. Otherwise (ragged or sparse outputs, an unknown count) chunks are kept and concatenated at the end.
+    """
+
+    def __init__(self, total: int | None, out=None) -> None:
+        self.total, self.out = total, out
+        self.buffers: list[np.ndarray] | None = None
+        self.structure = None
+        self.pieces: list = []
+        self.rows = 0
+
+    def add(self, outputs) -> None:
+        leaves = tree.flatten(outputs)
+        dense = all(isinstance(t, tf.Tensor) and t.shape.rank for t in leaves)
+        if self.pieces or self.total is None or not dense:
+            if self.out is not None:
+                raise ValueError("predict: `out=` needs an input with a known number of samples and dense outputs.")
+            self.pieces.append(
+                tree.map_structure(
+                    lambda t: t if isinstance(t, (tf.RaggedTensor, tf.SparseTensor)) else t.numpy(), outputs
+                )
+            )
+            return
+        if self.buffers is None:
+            self.structure = outputs
+            self.buffers = self._allocate(leaves)
+        n = int(leaves[0].shape[0])
+        for buffer, leaf in zip(self.buffers, leaves):
+            buffer[self.rows : self.rows + n] = leaf.numpy()
+        self.rows += n
+
+    def _allocate(self, leaves) -> list[np.ndarray]:
+        assert self.total is not None
+        if self.out is None:
+            return [np.empty((self.total, *t.shape[1:]), t.dtype.as_numpy_dtype) for t in leaves]
+        given = tree.flatten(self.out)
+        if len(given) != len(leaves):
+            raise ValueError(f"predict: `out=` has {len(given)} array(s) but the model gives {len(leaves)} output(s).")
+        for g, t in zip(given, leaves):
+            want = (self.total, *t.shape[1:])
+            if not isinstance(g, np.ndarray) or tuple(g.shape) != want:
+                raise ValueError(
+                    f"predict: `out=` must hold NumPy arrays (or memmaps) of shape {want} for this input, got "
+                    f"{type(g).__name__} of shape {getattr(g, 'shape', None)}."
+                )
+        return list(given)
+
+    def result(self):
+        if self.buffers is not None:
+            views = [b if self.rows == len(b) else b[: self.rows] for b in self.buffers]
+            return tree.pack_sequence_as(self.structure, views)
+        if not self.pieces:
+            return None
+        return tree.map_structure_up_to(self.pieces[0], lambda *parts: concat(list(parts)), *self.pieces)
 
 
 def concat(parts: list):

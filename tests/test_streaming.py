@@ -90,9 +90,10 @@ def test_rehydration_mid_epoch_stays_bit_identical_when_streaming():
         np.testing.assert_array_equal(a, b)
 
 
-def test_auto_streams_memory_maps_and_big_arrays_and_copies_small_ones(tmp_path):
+def test_auto_streams_numpy_arrays_and_memory_maps_and_keeps_tensors_in_graph(tmp_path):
     x, y = regression_data(n=64)
-    assert as_batches(x, y).path == "graph"
+    assert as_batches(x, y).path == "stream"
+    assert as_batches(x.astype(str), y).path == "graph"  # strings: Keras's conversion
     mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype="float32", shape=x.shape)
     mapped[:] = x
     assert as_batches(mapped, y).path == "stream"
@@ -169,3 +170,18 @@ def test_keras_sequence_of_inputs_kinds_still_take_their_own_paths():
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     assert as_batches(ds).path == "adapter"
     assert as_batches([keras.ops.convert_to_numpy(x)], y, array_path="stream").path == "stream"
+
+
+def test_predict_writes_into_one_array_per_output_or_into_out(tmp_path):
+    x, _ = regression_data(n=101)
+    model = make_mlp()
+    trainer = SafeTrainer(model)
+    expected = model.predict(x, batch_size=8, verbose=0)
+    got = trainer.predict(x, batch_size=8, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got.shape == (101, 1) and got.base is None  # one allocation, not a concatenation's view
+    out = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype="float32", shape=(101, 1))
+    assert trainer.predict(x, batch_size=8, verbose=0, out=out) is out
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`out=` must hold NumPy arrays \(or memmaps\) of shape \(101, 1\)"):
+        trainer.predict(x, batch_size=8, verbose=0, out=np.zeros((100, 1), "float32"))
