@@ -185,3 +185,14 @@ def test_predict_writes_into_one_array_per_output_or_into_out(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-6)
     with pytest.raises(ValueError, match=r"`out=` must hold NumPy arrays \(or memmaps\) of shape \(101, 1\)"):
         trainer.predict(x, batch_size=8, verbose=0, out=np.zeros((100, 1), "float32"))
+
+
+def test_validation_split_takes_views_not_copies(tmp_path):
+    from safetrain.data import split_validation
+
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype="float32", shape=(100, 4))
+    y = np.zeros((100, 1), "float32")
+    (tx, ty, _), (vx, vy, _) = split_validation(mapped, y, None, 0.2)
+    assert (tx.shape, vx.shape) == ((80, 4), (20, 4))
+    assert np.shares_memory(tx, mapped) and np.shares_memory(vx, mapped) and np.shares_memory(vy, y)
+    assert as_batches(tx, ty).path == "stream"
