@@ -171,6 +171,8 @@ class Batches:
         """The batches of epoch `epoch` (for arrays, shuffled by `(seed, epoch)`)."""
         if self.reader is not None:
             assert self.batch_size is not None
+            if self.shuffle is True:
+                self.reader.expect_random_reads()
             return _with_array_options(self.reader.dataset(self.order(epoch), self.batch_size))
         if self._arrays is not None:
             return self._array_dataset(epoch)

@@ -82,6 +82,14 @@ class ArrayReader:
     def in_memory_map(self) -> bool:
         return any(isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in self.arrays)
 
+    def expect_random_reads(self) -> None:
+        """Shuffled passes read rows scattered over the arrays: memory maps are told so (no readahead)."""
+        from safetrain import _compat
+
+        for a in self.arrays:
+            if isinstance(a, np.memmap) or isinstance(a.base, np.memmap):
+                _compat.advise_random_access(a)
+
     def read(self, indices: np.ndarray) -> list[np.ndarray]:
         """The rows `indices` (in that order) of every array, converted; rows are read in sorted order."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)

@@ -102,3 +102,10 @@ def test_reading_the_global_seed_moves_no_random_state():
     assert float(tf.random.uniform(())) == reference
     tf.random.set_seed(None)
     assert _compat.tf_global_seed() is None
+
+
+def test_memory_maps_can_be_advised_for_random_reads(tmp_path):
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype="float32", shape=(64, 4))
+    assert _compat.advise_random_access(mapped) is True  # Linux: NumPy's mmap object takes the advice
+    assert _compat.advise_random_access(mapped[8:16]) is True  # a view finds its memory map
+    assert _compat.advise_random_access(np.zeros(3)) is False
