@@ -428,7 +428,8 @@ def as_batches(
         raise ValueError(f"{what}: `x` is required ({_ACCEPTED}).")
     kind = kind_of(x)
     if kind == "arrays":
-        if not can_convert_arrays((x, y, sample_weight)):
+        streamable = array_path != "graph" and ArrayReader.of((x, y, sample_weight)) is not None
+        if not streamable and not can_convert_arrays((x, y, sample_weight)):
             bad = [
                 type(a).__name__ for a in tree.flatten((x, y, sample_weight)) if not array_slicing.can_slice_array(a)
             ]

@@ -28,21 +28,26 @@ PREFETCH = 2
 
 
 def _as_numpy(a):
-    """A NumPy view of a pandas object (no copy when its columns share one dtype); NumPy arrays as they are."""
+    """What rows are read from: NumPy arrays as they are, a NumPy view of a pandas object (no copy when its
+    columns share one dtype), and array-likes that slice like NumPy (`h5py.Dataset`-style: `shape`, `dtype`,
+    `len()` and indexing by a sorted index array) as they are; None for anything else."""
     if isinstance(a, np.ndarray):
         return a
     to_numpy = getattr(a, "to_numpy", None)
     if callable(to_numpy) and type(a).__module__.startswith("pandas"):
         return to_numpy()
-    return None
+    if tf.is_tensor(a) or not all(hasattr(a, name) for name in ("shape", "dtype", "__len__", "__getitem__")):
+        return None
+    return a if isinstance(a.dtype, np.dtype) else None
 
 
 def streamable(leaf) -> bool:
-    """Can this leaf be read batch by batch: a numeric NumPy array (also `np.memmap`) or a pandas object."""
+    """Can this leaf be read batch by batch: a numeric NumPy array (also `np.memmap`), a pandas object, or an
+    array-like that slices like NumPy (an `h5py.Dataset`)."""
     if leaf is None:
         return True
     a = _as_numpy(leaf)
-    return a is not None and a.ndim >= 1 and a.dtype.kind in "biuf"
+    return a is not None and len(a.shape) >= 1 and a.dtype.kind in "biuf"
 
 
 def _out_dtype(a: np.ndarray) -> np.dtype:
@@ -63,7 +68,7 @@ class ArrayReader:
         self._slots = [i for i, a in enumerate(flat) if a is not None]
         self.arrays = [_as_numpy(flat[i]) for i in self._slots]
         self.dtypes = [_out_dtype(a) for a in self.arrays]
-        self.nbytes = int(sum(a.nbytes for a in self.arrays))
+        self.nbytes = int(sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in self.arrays))
         self._flat_template = flat
         specs = list(flat)
         for slot, a, dt in zip(self._slots, self.arrays, self.dtypes):
@@ -80,14 +85,14 @@ class ArrayReader:
 
     @property
     def in_memory_map(self) -> bool:
-        return any(isinstance(a, np.memmap) or isinstance(a.base, np.memmap) for a in self.arrays)
+        return any(isinstance(a, np.memmap) or isinstance(getattr(a, "base", None), np.memmap) for a in self.arrays)
 
     def expect_random_reads(self) -> None:
         """Shuffled passes read rows scattered over the arrays: memory maps are told so (no readahead)."""
         from safetrain import _compat
 
         for a in self.arrays:
-            if isinstance(a, np.memmap) or isinstance(a.base, np.memmap):
+            if isinstance(a, np.memmap) or isinstance(getattr(a, "base", None), np.memmap):
                 _compat.advise_random_access(a)
 
     def read(self, indices: np.ndarray) -> list[np.ndarray]:

@@ -196,3 +196,30 @@ def test_validation_split_takes_views_not_copies(tmp_path):
     assert (tx.shape, vx.shape) == ((80, 4), (20, 4))
     assert np.shares_memory(tx, mapped) and np.shares_memory(vx, mapped) and np.shares_memory(vy, y)
     assert as_batches(tx, ty).path == "stream"
+
+
+class H5Like:
+    """What an `h5py.Dataset` offers: shape, dtype, len, and rows by a slice or a sorted index array."""
+
+    def __init__(self, array):
+        self._array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.reads = []
+
+    def __len__(self):
+        return len(self._array)
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            assert np.all(np.diff(index) > 0), "h5py needs increasing indices"
+        self.reads.append(index)
+        return self._array[index]
+
+
+def test_an_h5py_style_array_is_streamed_in_sorted_reads():
+    x, y = regression_data(n=100)
+    h5 = H5Like(x)
+    graph = as_batches(x, y, batch_size=16, shuffle=True, seed=3, array_path="graph")
+    stream = as_batches(h5, y, batch_size=16, shuffle=True, seed=3)
+    assert stream.path == "stream"
+    assert_same_batches(flat_batches(stream), flat_batches(graph))
+    assert h5.reads  # read from the object itself, batch by batch
