@@ -52,3 +52,19 @@ def test_on_batch_benchmark_runs_and_writes_its_table(tmp_path):
     assert "| train_on_batch |" in result.stdout and "| predict_on_batch |" in result.stdout
     data = json.loads(out.read_text())
     assert data["traces"] == {"train": 1, "test": 1, "predict": 1}
+
+
+def test_data_memory_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "d.json"
+    result = run_benchmark(
+        "data_memory.py", "--sizes", "0.02", "--runners", "model.fit", "safetrain", "--dir", str(tmp_path),
+        "--json", str(out),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kind"], r["runner"]) for r in rows] == [
+        ("in RAM", "model.fit"), ("in RAM", "safetrain"), ("memmap", "model.fit"), ("memmap", "safetrain")
+    ]  # fmt: skip
+    assert all("error" not in r and r["steps_per_s"] > 0 for r in rows), rows
+    assert {r["path"] for r in rows if r["runner"] == "safetrain"} == {"stream"}
+    assert "| 0.02 GiB | memmap | safetrain |" in result.stdout
+    assert list(tmp_path.iterdir()) == [out]  # its memory-mapped files are removed

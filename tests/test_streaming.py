@@ -223,3 +223,16 @@ def test_an_h5py_style_array_is_streamed_in_sorted_reads():
     assert stream.path == "stream"
     assert_same_batches(flat_batches(stream), flat_batches(graph))
     assert h5.reads  # read from the object itself, batch by batch
+
+
+def test_pandas_frames_and_series_are_streamed_as_their_numpy_views():
+    pd = pytest.importorskip("pandas")  # in the test extras; Keras takes pandas too
+    x, y = regression_data(n=90)
+    frame, series = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])]), pd.Series(y[:, 0])
+    stream = as_batches(frame, series, batch_size=16, shuffle=True, seed=5)
+    graph = as_batches(x, y[:, 0], batch_size=16, shuffle=True, seed=5, array_path="graph")
+    assert stream.path == "stream"
+    assert_same_batches(flat_batches(stream), flat_batches(graph))
+    expected = make_mlp().fit(x, y[:, 0], batch_size=16, epochs=2, verbose=0).history["loss"]
+    got = SafeTrainer(make_mlp()).fit(frame, series, batch_size=16, epochs=2, verbose=0).history["loss"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
