@@ -218,10 +218,9 @@ def _child(scenario: str, runner: str) -> dict:
 
 
 def _slope(values):
-    import numpy as np
+    from safetrain.diagnostics import slope  # the package's one slope, after the warm-up
 
-    v = np.asarray(values[WARMUP:], dtype=float)
-    return float(np.polyfit(np.arange(v.size), v, 1)[0]) if v.size >= 2 else float("nan")
+    return slope(values[WARMUP:])
 
 
 def run_child(scenario: str, runner: str) -> dict:

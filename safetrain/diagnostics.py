@@ -1,124 +1,587 @@
-"""Leak diagnosis from inside a run: an object census, and what grew since a baseline, with the fix.
+"""Why memory grew, from a recorded run: memory readings, the object census, and one rule per cause with its fix.
 
-`LeakDetector` takes a `baseline()` after the first epoch and calls `diagnose()` when memory keeps growing.
+One engine for both diagnosers: the doctor (`python -m safetrain doctor`, a script in a child process) and
+`LeakDetector` (inside a `SafeTrainer` run) both describe what they saw as a *record* and call `diagnose`.
+This module imports neither TensorFlow nor Keras, so the doctor's parent stays fast.
 
 Example:
-    >>> base = baseline(trainer, sample)
-    >>> report = diagnose(trainer, base, growth=3.2, window=10, threshold=1.0, sample=later)
-    >>> report["suggestion"]
+    >>> before = census(); grow(); after = census()
+    >>> census_growth(before, after)[0]          # (bytes, count, type name), largest first
+    (104857600, 100, 'EagerTensor')
+    >>> diagnose(record)["causes"][0]["cause"]
+    'python_accumulation'
+
+A record is a dict:
+    events     [{t, kind, rss_mb, anon_mb?, ...}] in time order; kinds the rules read: "model", "compile"
+               (model=key), "trace" (function=name), "epoch", "predict" (rows=...), "data" (nbytes=...,
+               source=...), "fit_begin", "fit_end", "end"
+    samples    [{t, rss_mb, anon_mb?}] readings between events (optional)
+    functions  [{name, traces: [{t, args: {argument: description}, lifted: bool}]}], one per tf.function
+               object; `lifted`: TensorFlow's variable-free second trace after a first that made variables
+    stateful   {key: {layer, class, epochs, resets}}
+    census     {"first": {stats, t, rss_mb, anon_mb?}, "last": {...}}: `census()` after warm-up and at the end
+    counts     {models, compiles, fits, epochs, predicts, batches, gradients, calls}
+    baseline   {t, reason}: where warm-up ended (the first census); growth is measured from here
+    live_models_growth  (optional) Keras models alive beyond the baseline, for callers that cannot time builds
 """
 
 from __future__ import annotations
 
-import collections
 import gc
+import json
+import os
 import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import keras
+__all__ = ["CAUSES", "WARNINGS", "FIXES", "read_memory", "slope", "census", "census_growth", "diagnose"]
 
-from safetrain import hooks
+CAUSES = (
+    "retracing",
+    "recompiling",
+    "models_in_loop",
+    "predict_in_loop",
+    "data_copies",
+    "python_accumulation",
+    "allocator_growth",
+)
+# Found and reported, but memory does not grow with them: `--fail-on-leak` does not count them.
+WARNINGS = ("stateful_not_reset", "retraced")
 
-__all__ = ["object_stats", "live_models", "baseline", "diagnose"]
+# Thresholds (MiB unless named otherwise). Every cause needs its own evidence and memory that grew with it,
+# measured after warm-up (the baseline).
+MIN_RETRACES = 3  # traces of one function with distinct signatures
+RETRACE_GROWTH_MB = 10.0  # ... and memory grown over the traces after warm-up
+MIN_COMPILES = 4  # compile() calls on one model
+COMPILE_SLOPE_MB = 1.0  # memory per compile, from the second on
+MIN_MODELS = 4  # models constructed
+MODEL_SLOPE_MB = 1.0  # memory per model built, from the second on
+MIN_PREDICTS = 20  # predict calls
+PREDICT_SLOPE_MB = 0.02  # memory per predict call after the first 5, not held by live objects
+PREDICT_GROWTH_MB = 1.0  # ... and in all over those calls
+DATA_MIN_MB = 64.0  # arrays handed to fit / tf.data at least this big ...
+DATA_WARMUP_MB = 64.0  # ... and anonymous memory grew by at least one more copy of them beyond this warm-up
+OBJECT_GROWTH_MB = 10.0  # live objects (by the bytes they hold) grown between the two censuses
+EPOCH_SLOPE_MB = 1.0  # memory per epoch
+UNEXPLAINED_GROWTH_MB = 30.0  # growth no other cause accounts for
+
+# Types whose census bytes are data (what a leak of results is made of), not framework structure.
+DATA_TYPES = frozenset({"ndarray", "EagerTensor", "bytes", "bytearray", "str", "memmap"})
+_TENSOR_TYPES = frozenset({"EagerTensor", "ResourceVariable", "UninitializedVariable"})
+
+FIXES = {
+    "retracing": "SafeTrainer(model).fit(...)  # one trace: a fixed input signature with the batch and varying dims "
+    "as None; RetraceGuard(max_traces=1) makes a retrace an error. For a hand-written step: "
+    "@tf.function(input_signature=[tf.TensorSpec([None, None, 4], tf.float32), ...]) or "
+    "@tf.function(reduce_retracing=True); pass numbers that change (a learning rate) as tensors or variables",
+    "recompiling": "compile once, outside the loop; to start each fold afresh keep the first weights "
+    "(w = model.get_weights(); model.set_weights(w)) and reset the optimizer's variables, or "
+    "SafeTrainer(build_model) with a factory per fold",
+    "models_in_loop": "trainer = SafeTrainer(build_model)  # a factory per fold/trial: earlier models are released; "
+    "or keras.backend.clear_session() before each new model, or safetrain.run_isolated(train_one, i) for a "
+    "fresh process per model",
+    "predict_in_loop": "y = model(x, training=False)  # for small inputs in a loop: no pipeline per call; or collect "
+    "the inputs and predict once (SafeTrainer(model).predict(all_x): one trace, one pipeline)",
+    "data_copies": "SafeTrainer(model).fit(x, y)  # arrays are streamed by index, never copied whole; keep one "
+    "copy (np.load(path, mmap_mode='r') for data on disk) and give tf.data a generator or indices, not "
+    "from_tensor_slices of the whole array",
+    "python_accumulation": "keep numbers, not tensors or arrays, in callbacks and lists (float(logs['loss']), "
+    "float(loss)); copy what must be kept to a file; SafeTrainer(model, policies=[safetrain.LeakDetector()]) "
+    "names the types that grow",
+    "allocator_growth": "SafeTrainer(model, policies=[safetrain.TrimMalloc()])  # malloc_trim after each epoch; or "
+    "MALLOC_ARENA_MAX=2, or safetrain.run_isolated(...) for work whose memory must go back",
+    "stateful_not_reset": "SafeTrainer(model, policies=[safetrain.ResetStates()])  # or every=N batches",
+    "retraced": "nothing for memory; for speed, give the function one signature (tensors, not Python values, "
+    "for arguments that change)",
+}
 
 
-def object_stats() -> dict[str, tuple[int, int]]:
-    """Live Python objects by type: `{type name: (count, bytes)}`.
+# -- memory readings -----------------------------------------------------------------------------------------
 
-    `gc.get_objects()` only lists containers; objects without references (bytes, bytearray, NumPy
-    buffers) are found one level down, as referents of those containers.
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 4096 / 2**20
+
+
+def read_memory() -> tuple[float, float]:
+    """(resident, anonymous resident) memory of this process in MiB, from one read of `/proc/self/statm`.
+
+    Anonymous memory (RSS less file-backed and shared pages) is what leaks are made of; RSS also wanders with
+    the page cache of files read or mapped. Where there is no `/proc`, both are psutil's RSS.
+
+    Example:
+        >>> rss, anon = read_memory()
     """
-    seen: set[int] = set()
-    stats: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            fields = f.read().split()
+        resident, shared = int(fields[1]), int(fields[2])
+        return resident * _PAGE_MB, (resident - shared) * _PAGE_MB
+    except (OSError, IndexError, ValueError):
+        import psutil
 
-    def add(o) -> None:
-        if id(o) in seen:
-            return
-        seen.add(id(o))
-        entry = stats[type(o).__name__]
+        rss = psutil.Process().memory_info().rss / 2**20
+        return rss, rss
+
+
+def slope(values: Sequence[float], xs: Sequence[float] | None = None) -> float:
+    """Least-squares slope of `values` against `xs` (default 0, 1, 2, ...); NaN with fewer than 2 points.
+
+    Example:
+        >>> slope([500, 502, 504])
+        2.0
+    """
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    x = list(range(n)) if xs is None else [float(v) for v in xs]
+    mean_x, mean_y = sum(x) / n, sum(values) / n
+    var = sum((a - mean_x) ** 2 for a in x)
+    if var == 0:
+        return float("nan")
+    return sum((a - mean_x) * (b - mean_y) for a, b in zip(x, values)) / var
+
+
+def _slope0(values: Sequence[float]) -> float:
+    s = slope(values)
+    return 0.0 if s != s else s  # NaN -> 0
+
+
+# -- the census -------------------------------------------------------------------------------------------
+
+
+def _buffer_bytes(o: Any, name: str) -> int:
+    """Bytes a tensor or variable holds (its buffer, not its Python object); 0 if it cannot tell."""
+    try:
+        n = o.shape.num_elements()
+        return int(n * o.dtype.size) if n is not None else 0
+    except Exception:  # a tensor whose buffer is gone, a symbolic one: nothing held here
+        return 0
+
+
+def census() -> dict[str, tuple[int, int]]:
+    """Live objects by type, `{type name: (count, bytes held)}`, in a few tenths of a second.
+
+    Containers come from `gc.get_objects()`, and of what they hold, the buffers the collector does not track
+    (NumPy arrays, bytes, strings). Bytes are what an object holds: a NumPy array its data (a view the array
+    it views), an `EagerTensor` or `ResourceVariable` its buffer (shape x dtype size), anything else
+    `sys.getsizeof`. Needs neither TensorFlow nor NumPy imported; counts them when they are.
+
+    Example:
+        >>> census()["EagerTensor"]
+        (1200, 104857600)
+    """
+    np = sys.modules.get("numpy")
+    ndarray = np.ndarray if np is not None else None
+    buffers: tuple[type, ...] = (bytes, bytearray, str) + ((ndarray,) if ndarray is not None else ())
+    objects = gc.get_objects()
+    counts: dict[type, list[int]] = {}
+    tensors: list[Any] = []
+    for o in objects:
+        t = type(o)
+        entry = counts.get(t)
+        if entry is None:
+            entry = counts[t] = [0, 0]
         entry[0] += 1
-        try:
-            entry[1] += sys.getsizeof(o)
-        except TypeError:
-            pass
-
-    for o in gc.get_objects():
-        add(o)
-        for r in gc.get_referents(o):
-            if not gc.is_tracked(r):
-                add(r)
-    return {k: (v[0], v[1]) for k, v in stats.items()}
-
-
-def live_models() -> int:
-    """How many Keras models are alive now."""
-    return sum(1 for o in gc.get_objects() if isinstance(o, keras.Model))
-
-
-def baseline(trainer, sample) -> dict:
-    """What is alive after the first epoch (tracing and warm-up done): what grows from here on is the leak."""
-    return dict(objects=object_stats(), models=live_models(), epoch=sample.epoch, rss_mb=sample.rss_mb)
+        if t.__name__ in _TENSOR_TYPES:
+            tensors.append(o)
+        else:
+            entry[1] += sys.getsizeof(o, 0)
+    for o in tensors:
+        counts[type(o)][1] += _buffer_bytes(o, type(o).__name__)
+    held = {id(r): r for r in gc.get_referents(*objects) if isinstance(r, buffers)}
+    del objects, tensors
+    if ndarray is not None:  # the arrays that views keep alive
+        for r in list(held.values()):
+            base = getattr(r, "base", None) if isinstance(r, ndarray) else None
+            while isinstance(base, ndarray) and id(base) not in held:
+                held[id(base)] = base
+                base = base.base
+    for r in held.values():
+        entry = counts.setdefault(type(r), [0, 0])
+        entry[0] += 1
+        entry[1] += sys.getsizeof(r, 0) if not (ndarray is not None and isinstance(r, ndarray)) else _array_bytes(r)
+    return {t.__name__: (c, b) for t, (c, b) in counts.items()}
 
 
-def diagnose(trainer, base: dict, growth: float, window: int, threshold: float, sample, resets: bool) -> dict:
-    """What is growing since `base` and what would help; `text` is what `LeakDetector`'s warning shows.
+def _array_bytes(a: Any) -> int:
+    return int(a.nbytes) if a.base is None else 0  # a view holds nothing of its own; its base is counted
 
-    `resets`: whether the trainer already resets stateful layers (a `ResetStates` policy).
+
+def census_growth(first: Mapping[str, Sequence[int]], last: Mapping[str, Sequence[int]]) -> list[tuple[int, int, str]]:
+    """Types whose bytes grew from census `first` to `last`: `[(bytes, count, type name)]`, largest first."""
+    grew = []
+    for name, (count, size) in last.items():
+        c0, s0 = first.get(name, (0, 0))
+        if size - s0 > 0:
+            grew.append((size - s0, count - c0, name))
+    grew.sort(reverse=True)
+    return grew
+
+
+# -- the rules -------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """Readings of one record, as the rules need them: memory at a time, growth after warm-up."""
+
+    def __init__(self, rec: Mapping[str, Any]) -> None:
+        self.rec = rec
+        self.events: list[dict] = list(rec.get("events", ()))
+        samples = list(rec.get("samples", ()))
+        points = self.events + samples
+        self.key = "anon_mb" if points and all("anon_mb" in p for p in points) else "rss_mb"
+        self.readings = sorted(((p["t"], p[self.key]) for p in points), key=lambda r: r[0])
+        self.census = rec.get("census", {})
+        first = self.census.get("first")
+        base = rec.get("baseline") or {}
+        if first is not None:
+            self.base_t = first.get("t", 0.0)
+            self.base_m = first.get(self.key, first.get("rss_mb"))
+        else:
+            started = [e for e in self.events if e["kind"] in ("model", "trace", "fit_begin", "predict", "epoch")]
+            self.base_t = base.get("t", started[0]["t"] if started else 0.0)
+            self.base_m = self.at(self.base_t)
+        self.base_reason = base.get("reason", "the first census" if first else "the first model, trace or fit")
+        end = [e for e in self.events if e["kind"] == "end"]
+        self.end_m = end[-1][self.key] if end else (self.readings[-1][1] if self.readings else 0.0)
+        self.growth = (self.end_m - self.base_m) if self.readings else 0.0
+        self.epochs = [e for e in self.events if e["kind"] == "epoch"]
+
+    def at(self, t: float) -> float:
+        """The last reading at or before `t` (the first reading if none is)."""
+        value = self.readings[0][1] if self.readings else 0.0
+        for rt, m in self.readings:
+            if rt > t:
+                break
+            value = m
+        return value
+
+    def peak_between(self, t0: float, t1: float) -> float:
+        inside = [m for t, m in self.readings if t0 < t <= t1]
+        return max(inside) if inside else self.at(t0)
+
+    def of(self, kind: str, **match) -> list[dict]:
+        return [e for e in self.events if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())]
+
+
+def _effective_traces(fn: Mapping[str, Any]) -> list[dict]:
+    """A function's traces less TensorFlow's variable-free second trace (not a retrace: no new signature)."""
+    out = []
+    for tr in fn.get("traces", ()):
+        tr = tr if "args" in tr or "t" in tr else {"args": tr}  # records from before traces carried times
+        if not tr.get("lifted"):
+            out.append(tr)
+    return out
+
+
+def _varied(traces: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Arguments whose description differs across traces: {name: distinct values, in order seen}."""
+    sigs = [t.get("args", {}) for t in traces]
+    varied = {}
+    for n in sorted({n for s in sigs for n in s}):
+        seen: list[str] = []
+        for s in sigs:
+            v = s.get(n, "-")
+            if v not in seen:
+                seen.append(v)
+        if len(seen) > 1:
+            varied[n] = seen
+    return varied
+
+
+def retraced(rec: Mapping[str, Any]) -> dict[str, int]:
+    """Functions traced for more than one signature: {name: traces}, TensorFlow's variable-free retrace left out."""
+    out: dict[str, int] = {}
+    for fn in rec.get("functions", ()):
+        traces = _effective_traces(fn)
+        if len({json.dumps(t.get("args", {}), sort_keys=True) for t in traces}) > 1 or len(traces) > 2:
+            out[fn["name"]] = max(out.get(fn["name"], 0), len(traces))
+    return out
+
+
+def diagnose(rec: Mapping[str, Any]) -> dict:
+    """Causes and warnings found in a record (see the module docstring): `{causes, warnings, leak, ...}`.
+
+    Each cause is `{cause, title, evidence, fix, growth_mb, ...}`; every one needs its own evidence and memory
+    that grew after warm-up by what it accounts for. Warnings (a stateful layer never reset, retracing with
+    memory flat) are problems that do not grow memory. `leak` is whether any cause was found.
+
+    Example:
+        >>> diagnose(record)["causes"][0]["title"]
+        'retracing: `train_step` was traced 21 times'
     """
-    now = object_stats()
-    grew = sorted(
-        (
-            (k, n - base["objects"].get(k, (0, 0))[0], b - base["objects"].get(k, (0, 0))[1])
-            for k, (n, b) in now.items()
-        ),
-        key=lambda t: -t[2],
-    )
-    grew = [g for g in grew if g[2] > 0][:8]
-    object_mb = sum(g[2] for g in grew) / 2**20
-    rss_mb = sample.rss_mb - base["rss_mb"]
-    models = live_models() - base["models"]
-    graphs = now.get("FuncGraph", (0, 0))[0] - base["objects"].get("FuncGraph", (0, 0))[0]
-    traces = dict(trainer.steps.total_trace_counts)
-    stateful = any(getattr(layer, "stateful", False) for layer in hooks.layers_of(trainer.model))
-    if any(n > 1 for n in trainer.steps.trace_counts.values()):
-        suggestion = (
-            "RetraceGuard(max_traces=1): steps are being traced again; give the data one dtype and "
-            "make dimensions that vary None"
+    run = _Run(rec)
+    causes: list[dict] = []
+    warnings_: list[dict] = []
+    explained = 0.0
+    unit, per_unit = _loop_unit(run, rec)
+
+    # Retracing: one function traced again and again for new signatures, memory growing with the traces.
+    for fn in rec.get("functions", ()):
+        traces = _effective_traces(fn)
+        distinct = {json.dumps(t.get("args", {}), sort_keys=True) for t in traces}
+        if len(traces) < MIN_RETRACES or len(distinct) < MIN_RETRACES:
+            continue
+        varied = _varied(traces)
+        arg_text = (
+            "; ".join(
+                f"`{n}` took {len(v)} forms ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})"
+                for n, v in list(varied.items())[:3]
+            )
+            or "its arguments changed"
         )
-    elif models > 0:
-        suggestion = (
-            f"ClearSession(every_n_epochs=...), and build models with a factory: {models} more "
-            "Keras models are alive than after the first epoch"
+        after = [e for e in run.of("trace", function=fn["name"]) if e["t"] > run.base_t]
+        growth = (after[-1][run.key] - run.base_m) if after else 0.0
+        per = growth / max(1, len(after))
+        if len(after) >= 2 and growth >= RETRACE_GROWTH_MB:
+            causes.append(
+                dict(
+                    cause="retracing",
+                    title=f"retracing: `{fn['name']}` was traced {len(traces)} times",
+                    evidence=f"{arg_text}; {len(after)} traces after warm-up with memory {growth:+.1f} MiB over "
+                    f"them ({per:+.2f} MiB per trace): a traced graph is never freed while its function lives",
+                    fix=FIXES["retracing"],
+                    function=fn["name"],
+                    traces=len(traces),
+                    traces_after_warmup=len(after),
+                    varied=varied,
+                    growth_mb=growth,
+                )
+            )
+            explained += max(growth, 0.0)
+        else:
+            warnings_.append(
+                dict(
+                    cause="retraced",
+                    title=f"retraced without growing memory: `{fn['name']}` traced {len(traces)} times",
+                    evidence=f"{arg_text}; {len(after)} of the traces came after warm-up and memory grew "
+                    f"{growth:+.1f} MiB over them: each trace costs time, not a leak",
+                    fix=FIXES["retraced"],
+                    function=fn["name"],
+                    traces=len(traces),
+                    varied=varied,
+                )
+            )
+
+    # Re-compiling one model again and again: new train/test functions each time, each traced anew.
+    compiles: dict[str, list[dict]] = {}
+    for e in run.of("compile"):
+        compiles.setdefault(e.get("model", "?"), []).append(e)
+    for model, events in compiles.items():
+        if len(events) < MIN_COMPILES:
+            continue
+        ms = [e[run.key] for e in events]
+        per_compile = _slope0(ms[1:])
+        growth = run.end_m - ms[1]
+        if per_compile > COMPILE_SLOPE_MB and growth > OBJECT_GROWTH_MB:
+            since = events[0]["t"]
+            made = [
+                fn
+                for fn in rec.get("functions", ())
+                if any(t.get("t", 0.0) >= since for t in fn.get("traces", ()) if isinstance(t, Mapping))
+            ]
+            n_traces = sum(len(fn.get("traces", ())) for fn in made)
+            causes.append(
+                dict(
+                    cause="recompiling",
+                    title=f"re-compiling in a loop: `{model}` compiled {len(events)} times",
+                    evidence=f"each compile() drops the model's train/test functions and the next fit traces new "
+                    f"ones: {len(made)} tf.functions traced {n_traces} times since the first compile; memory "
+                    f"{per_compile:+.1f} MiB per compile ({growth:+.1f} MiB from the second compile to the end)",
+                    fix=FIXES["recompiling"],
+                    model=model,
+                    compiles=len(events),
+                    functions=len(made),
+                    slope_mb_per_compile=per_compile,
+                    growth_mb=growth,
+                )
+            )
+            explained += max(growth, 0.0)
+
+    # Models built in a loop.
+    models = run.of("model")
+    live_growth = int(rec.get("live_models_growth", 0))
+    if len(models) >= MIN_MODELS:
+        ms = [e[run.key] for e in models]
+        per_model = _slope0(ms[1:]) if len(ms) > 3 else _slope0(ms)
+        growth = run.end_m - ms[1]
+        if per_model > MODEL_SLOPE_MB and growth > OBJECT_GROWTH_MB:
+            causes.append(
+                dict(
+                    cause="models_in_loop",
+                    title=f"models built in a loop: {len(models)} models, memory never returned",
+                    evidence=f"memory {per_model:+.1f} MiB per model built ({ms[0]:.0f} -> {run.end_m:.0f} MiB over "
+                    f"{len(models)} models); each model keeps its weights, optimizer and traced functions alive "
+                    "as long as Keras's global state does",
+                    fix=FIXES["models_in_loop"],
+                    models=len(models),
+                    slope_mb_per_model=per_model,
+                    growth_mb=growth,
+                )
+            )
+            explained += max(growth, 0.0)
+    elif live_growth > 0 and run.growth > OBJECT_GROWTH_MB:
+        causes.append(
+            dict(
+                cause="models_in_loop",
+                title=f"models kept alive: {live_growth} more Keras models than after warm-up",
+                evidence=f"memory {run.growth:+.1f} MiB since {run.base_reason} while {live_growth} more models "
+                "stayed alive",
+                fix=FIXES["models_in_loop"],
+                models=live_growth,
+                growth_mb=run.growth,
+            )
         )
-    elif stateful and not resets:
-        suggestion = "ResetStates('epoch'): the model has stateful layers that are never reset"
-    elif grew and object_mb >= 0.5 * max(rss_mb, 1e-9):
-        suggestion = (
-            f"something accumulates Python objects ({grew[0][0]}: +{grew[0][1]} objects, "
-            f"+{grew[0][2] / 2**20:.1f} MiB); look at callbacks and custom layers that keep "
-            "per-batch results (give layers a release_memory hook)"
+        explained += max(run.growth, 0.0)
+
+    # Live objects between the two censuses, by the bytes they hold.
+    first, last = run.census.get("first"), run.census.get("last")
+    grew = census_growth(first["stats"], last["stats"]) if first and last else []
+    object_mb = sum(g[0] for g in grew) / 2**20
+    data_mb = sum(g[0] for g in grew if g[2] in DATA_TYPES) / 2**20
+
+    # predict in a loop: growth per call that live objects do not hold.
+    predicts = run.of("predict")
+    if len(predicts) >= MIN_PREDICTS:
+        ms = [e[run.key] for e in predicts[5:]]  # the first calls trace and warm up
+        held = data_mb if first and last else 0.0
+        growth = ms[-1] - ms[0] - held
+        per_call = _slope0(ms) - held / max(1, len(ms))
+        seconds = sum(e.get("seconds", 0.0) for e in predicts) / len(predicts)
+        rows = sorted(e.get("rows", 0) or 0 for e in predicts)[len(predicts) // 2]
+        size = f"{rows} rows per call" if rows else "small inputs"
+        if per_call > PREDICT_SLOPE_MB and growth > PREDICT_GROWTH_MB:
+            causes.append(
+                dict(
+                    cause="predict_in_loop",
+                    title=f"predict in a loop: {len(predicts)} calls of {predicts[0].get('api', 'predict')}",
+                    evidence=f"memory {per_call:+.3f} MiB per call after the first 5 that no live object holds "
+                    f"({growth:+.1f} MiB over {len(predicts) - 5} calls), {seconds * 1000:.0f} ms per call for "
+                    f"{size}: each predict builds a new input pipeline, iterator and callbacks",
+                    fix=FIXES["predict_in_loop"],
+                    calls=len(predicts),
+                    slope_mb_per_call=per_call,
+                    growth_mb=growth,
+                )
+            )
+            explained += max(growth, 0.0)
+
+    # The data held several times: anonymous memory jumping by a multiple of the arrays handed over.
+    for e in run.of("data"):
+        nbytes_mb = e.get("nbytes", 0) / 2**20
+        if nbytes_mb < DATA_MIN_MB:
+            continue
+        later = [x["t"] for x in run.events if x["t"] > e["t"] and x["kind"] in ("epoch", "fit_end", "data", "end")]
+        t1 = later[0] if later else float("inf")
+        jump = run.peak_between(e["t"], t1) - e[run.key]
+        copies = (jump - DATA_WARMUP_MB) / nbytes_mb
+        if copies >= 1.0:
+            causes.append(
+                dict(
+                    cause="data_copies",
+                    title=f"the data held several times: {nbytes_mb:.0f} MiB of arrays given to {e.get('source')}",
+                    evidence=f"memory jumped {jump:+.0f} MiB when {nbytes_mb:.0f} MiB of arrays were given to "
+                    f"{e.get('source')}: about {jump / nbytes_mb:.1f} more copies of them held at once, beside "
+                    "the arrays themselves",
+                    fix=FIXES["data_copies"],
+                    source=e.get("source"),
+                    nbytes_mb=nbytes_mb,
+                    jump_mb=jump,
+                    copies=jump / nbytes_mb,
+                    growth_mb=jump,
+                )
+            )
+            if e["t"] >= run.base_t:  # after warm-up began, the jump is part of the growth measured
+                explained += jump
+
+    # Python-side accumulation: live objects, by the bytes they hold, grew and account for the growth.
+    others = any(c["cause"] in ("retracing", "recompiling", "models_in_loop", "predict_in_loop") for c in causes)
+    unexplained = max(run.growth - explained, 0.0)
+    # Beside another cause, only data (arrays, tensors, bytes) counts: graphs and models leave objects too.
+    held_mb = data_mb if others else object_mb
+    types = [g for g in grew if g[0] / 2**20 >= 1.0 and (g[2] in DATA_TYPES or not others)][:4]
+    if held_mb > OBJECT_GROWTH_MB and types and held_mb >= 0.5 * (unexplained if others else run.growth):
+        causes.append(
+            dict(
+                cause="python_accumulation",
+                title="Python-side accumulation: live objects keep growing",
+                evidence="grew between warm-up and the end: "
+                + ", ".join(f"{name} {count:+d} objects ({size / 2**20:+.1f} MiB)" for size, count, name in types)
+                + f"; {held_mb:+.1f} MiB held by live objects, of {run.growth:+.1f} MiB memory growth",
+                fix=FIXES["python_accumulation"],
+                types=[name for _, _, name in types],
+                growth_mb=held_mb,
+            )
         )
-    else:
-        suggestion = (
-            "TrimMalloc() or GarbageCollect(): no live objects account for the growth, so the "
-            "allocator is keeping freed memory; memory only a new process returns needs a fresh "
-            "process per run"
+        explained += held_mb
+
+    # Allocator growth: memory grew after warm-up and nothing above, live objects included, accounts for it.
+    epoch_slope = _slope0([e[run.key] for e in run.epochs[1:]]) if len(run.epochs) > 3 else 0.0
+    unexplained = run.growth - explained
+    if (
+        not others
+        and unexplained > UNEXPLAINED_GROWTH_MB
+        and (epoch_slope > EPOCH_SLOPE_MB or len(run.epochs) <= 3)
+        and object_mb < 0.25 * run.growth
+    ):
+        rate = f" ({per_unit:+.2f} MiB per {unit})" if unit else ""
+        causes.append(
+            dict(
+                cause="allocator_growth",
+                title="allocator growth with no live-object growth",
+                evidence=f"memory {run.growth:+.1f} MiB after warm-up{rate} while live objects grew "
+                f"{object_mb:+.1f} MiB and no traces, compiles, models or predict calls piled up: memory freed "
+                "inside the process but kept by the allocator, or held by native code",
+                fix=FIXES["allocator_growth"],
+                growth_mb=run.growth,
+                slope_mb_per_epoch=epoch_slope,
+            )
         )
-    top = ", ".join(f"{k} +{n} ({b / 2**20:.1f} MiB)" for k, n, b in grew[:5]) or "none"
-    text = (
-        f"RSS grows {growth:.2f} MiB/epoch over the last {window} epochs (threshold "
-        f"{threshold:.2f}); +{rss_mb:.1f} MiB since epoch {base['epoch'] + 1}, of which "
-        f"live Python objects account for {object_mb:.1f} MiB. Traces: {traces}. Keras models alive: "
-        f"{models:+d}, function graphs: {graphs:+d} since epoch {base['epoch'] + 1}. Grew most: {top}. "
-        f"Suggested: {suggestion}."
-    )
+
+    # Stateful layers never reset: a correctness problem, not a growing one.
+    for key, entry in rec.get("stateful", {}).items():
+        if entry.get("epochs", 0) >= 2 and entry.get("resets", 0) == 0:
+            warnings_.append(
+                dict(
+                    cause="stateful_not_reset",
+                    title=f"stateful layer never reset: {entry.get('class', 'layer')} `{key}`",
+                    evidence=f"it carried its state across {entry['epochs']} epochs and reset_state() was never "
+                    "called: every epoch starts from the last batch of the previous one (memory does not grow "
+                    "with it)",
+                    fix=FIXES["stateful_not_reset"],
+                    layer=key,
+                    epochs=entry["epochs"],
+                )
+            )
+
     return dict(
-        slope_mb_per_epoch=growth,
-        traces=traces,
-        grew=grew,
-        object_mb=object_mb,
-        rss_mb=rss_mb,
-        live_models=models,
-        func_graphs=graphs,
-        suggestion=suggestion,
-        text=text,
+        causes=causes,
+        warnings=warnings_,
+        leak=bool(causes),
+        memory_key=run.key,
+        baseline_t=run.base_t,
+        baseline_reason=run.base_reason,
+        growth_mb=run.growth,
+        explained_mb=explained,
+        object_growth_mb=object_mb,
+        data_growth_mb=data_mb,
+        grew=grew[:8],
+        epoch_slope_mb=epoch_slope,
+        unit=unit,
+        slope_mb_per_unit=per_unit,
+        retraced=retraced(rec),
     )
+
+
+def _loop_unit(run: _Run, rec: Mapping[str, Any]) -> tuple[str | None, float]:
+    """The script's main loop (epochs, or else the most repeated call) and memory per pass after warm-up."""
+    kinds = {"epoch": "epoch", "predict": "predict call", "model": "model", "compile": "compile"}
+    best: tuple[int, str | None, list[float]] = (0, None, [])
+    for kind, name in kinds.items():
+        ms = [e[run.key] for e in run.of(kind) if e["t"] > run.base_t]
+        if len(ms) >= 3 and (len(ms) > best[0] or kind == "epoch"):
+            best = (len(ms), name, ms)
+            if kind == "epoch":
+                break
+    if best[1] is None:
+        return None, 0.0
+    return best[1], _slope0(best[2])

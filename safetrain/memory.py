@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
-import math
-import os
 import sys
 import time
 import warnings
@@ -20,8 +18,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
-import numpy as np
-import psutil
+
+from safetrain.diagnostics import read_memory
+from safetrain.diagnostics import slope as diagnostics_slope
 
 __all__ = [
     "MemorySample",
@@ -36,15 +35,12 @@ __all__ = [
 ]
 
 _MIB = 2.0**20
-_PROCESS = psutil.Process(os.getpid())
 _GPU_NAMES: list[str] | None = None
 
 
 def rss_mb() -> float:
-    """Resident set size of this process in MiB (psutil)."""
-    if _PROCESS.pid != os.getpid():  # forked child: psutil's handle points at the parent
-        return psutil.Process(os.getpid()).memory_info().rss / _MIB
-    return _PROCESS.memory_info().rss / _MIB
+    """Resident set size of this process in MiB (`safetrain.diagnostics.read_memory`, the doctor's reader)."""
+    return read_memory()[0]
 
 
 def anon_mb() -> float:
@@ -54,14 +50,7 @@ def anon_mb() -> float:
     Example:
         >>> before = anon_mb(); train(); print(f"{anon_mb() - before:+.1f} MiB")
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return rss_mb()
+    return read_memory()[1]
 
 
 def _gpu_names() -> list[str]:
@@ -132,12 +121,11 @@ def sample(epoch: int | None = None, traces: Mapping[str, int] | None = None) ->
 
 
 def slope(values: Sequence[float], xs: Sequence[float] | None = None) -> float:
-    """Least-squares slope of `values` against `xs` (default 0, 1, 2, ...); NaN with fewer than 2 points."""
-    v = np.asarray(values, dtype=float)
-    if v.size < 2:
-        return math.nan
-    x = np.arange(v.size, dtype=float) if xs is None else np.asarray(xs, dtype=float)
-    return float(np.polyfit(x, v, 1)[0])
+    """Least-squares slope of `values` against `xs` (default 0, 1, 2, ...); NaN with fewer than 2 points.
+
+    The one slope of the package (`safetrain.diagnostics.slope`), here for the memory log's users.
+    """
+    return diagnostics_slope(values, xs)
 
 
 class MemoryLog:

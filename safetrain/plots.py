@@ -42,16 +42,21 @@ def require_matplotlib():
 
 
 def plot_timeline(report: Mapping, path: str) -> str:
-    """A doctor report as a PNG: RSS over time; epochs, model builds, predict calls and retraces marked."""
+    """A doctor report as a PNG: memory over time (what the diagnosis read: anonymous memory, or RSS); epochs,
+    model builds, compiles, predict calls and retraces marked, and where warm-up ended."""
     figure = require_matplotlib()
-    events = report["events"]
+    key = report["diagnosis"].get("memory_key", "rss_mb")
+    events = [e for e in report["events"] if key in e]
+    points = sorted(events + [s for s in report.get("samples", ()) if key in s], key=lambda p: p["t"])
     fig = figure(figsize=(10, 4.8), dpi=110)
     ax = fig.subplots()
-    ax.plot([e["t"] for e in events], [e["rss_mb"] for e in events], color="#333333", lw=1.2, label="RSS")
+    label = "anonymous memory" if key == "anon_mb" else "RSS"
+    ax.plot([p["t"] for p in points], [p[key] for p in points], color="#333333", lw=1.2, label=label)
     retraced = {c["function"] for c in report["diagnosis"]["causes"] if c["cause"] == "retracing"}
     styles = [
         ("epoch", lambda e: True, dict(marker="o", s=14, color="#1f77b4", label="epoch end")),
         ("model", lambda e: True, dict(marker="^", s=40, color="#d62728", label="model built")),
+        ("compile", lambda e: True, dict(marker="v", s=30, color="#8c564b", label="compile")),
         ("predict", lambda e: True, dict(marker="|", s=60, color="#9467bd", label="predict call")),
         (
             "trace",
@@ -62,15 +67,17 @@ def plot_timeline(report: Mapping, path: str) -> str:
     for kind, keep, style in styles:
         chosen = [e for e in events if e["kind"] == kind and keep(e)]
         if chosen:
-            ax.scatter([e["t"] for e in chosen], [e["rss_mb"] for e in chosen], zorder=3, **style)
+            ax.scatter([e["t"] for e in chosen], [e[key] for e in chosen], zorder=3, **style)
     for e in events:
         if e["kind"] == "fit_begin":
             ax.axvline(e["t"], color="#bbbbbb", lw=0.6, zorder=1)
+    if report["diagnosis"].get("baseline_t") is not None:
+        ax.axvline(report["diagnosis"]["baseline_t"], color="#2ca02c", lw=1.0, ls="--", zorder=1, label="warm-up ends")
     causes = [c["cause"] for c in report["diagnosis"]["causes"]]
     verdict = ", ".join(causes) if causes else "no leak found"
     ax.set_title(f"safetrain doctor: {report['script']}  ({verdict})", fontsize=10)
     ax.set_xlabel("seconds since start (grey lines: fit calls)")
-    ax.set_ylabel("resident memory (MiB)")
+    ax.set_ylabel(f"{label} (MiB)")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

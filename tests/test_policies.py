@@ -322,7 +322,9 @@ def test_leak_detector_diagnoses_python_side_accumulation():
     assert detector.report["slope_mb_per_epoch"] > 2.0
     grew = {name: (count, size) for name, count, size in detector.report["grew"]}
     assert grew["bytearray"][0] >= 128 * 3 and grew["bytearray"][1] >= 3 * 8 * 2**20
-    assert "accumulates Python objects" in detector.report["suggestion"]
+    # The doctor's rules (safetrain.diagnostics): the bytes live objects hold account for the growth.
+    assert [c["cause"] for c in detector.report["causes"]] == ["python_accumulation"]
+    assert "keep numbers, not tensors or arrays" in detector.report["suggestion"]
     assert detector.report["traces"]["train"] == 1
 
 

@@ -8,12 +8,15 @@ The script runs in a child process with instrumentation installed before its fir
 - every `tf.function` (the script's own and Keras's) reports each trace with the shapes and dtypes of its
   arguments, so a retrace names the function and the argument whose shape varied;
 - `Model.fit` (and `SafeTrainer.fit`) get one extra callback that reads memory at every epoch end and
-  watches stateful layers; `Model.predict` and every model constructed are timed and sampled too;
-- a census of live Python objects is taken once early (after the first epoch, the 2nd model or the 5th
-  predict) and once at the end, to tell Python-side accumulation from allocator growth.
+  watches stateful layers; `compile`, `predict`, the `*_on_batch` calls, every model constructed, eager
+  `tape.gradient` calls, calls of the script's own tf.functions and arrays handed to `fit` or
+  `tf.data.Dataset.from_tensor_slices` are recorded too, and memory is read every 0.1 s between them;
+- a census of live objects (by the bytes they hold: arrays, tensors, variables) is taken when warm-up ends
+  (the first epoch, 2nd model or compile, 5th predict, batch, gradient or call) and once at the end.
 
-Then the parent diagnoses (`diagnose`, a pure function of the recorded events) and prints each cause found
-with its evidence and the safetrain change that fixes it.
+Then the parent diagnoses (`safetrain.diagnostics.diagnose`, a pure function of the record, the same rules
+`LeakDetector` uses) and prints each cause found with its evidence and the safetrain change that fixes it;
+problems that do not grow memory are warnings.
 
 `instrument` is the child side (started as `python -m safetrain.doctor --child ...`), `report` the parent
 side. Neither imports TensorFlow until the script does.
@@ -27,18 +30,18 @@ Example:
 from __future__ import annotations
 
 # `census`, `child_main` and the thresholds stay public outside `__all__`, as before the split (`X as X`:
-# an explicit re-export).
+# an explicit re-export). The rules and thresholds are `safetrain.diagnostics`'s, shared with LeakDetector.
+from safetrain.diagnostics import EPOCH_SLOPE_MB as EPOCH_SLOPE_MB
+from safetrain.diagnostics import MIN_MODELS as MIN_MODELS
+from safetrain.diagnostics import MIN_PREDICTS as MIN_PREDICTS
+from safetrain.diagnostics import MIN_RETRACES as MIN_RETRACES
+from safetrain.diagnostics import MODEL_SLOPE_MB as MODEL_SLOPE_MB
+from safetrain.diagnostics import OBJECT_GROWTH_MB as OBJECT_GROWTH_MB
+from safetrain.diagnostics import PREDICT_GROWTH_MB as PREDICT_GROWTH_MB
+from safetrain.diagnostics import PREDICT_SLOPE_MB as PREDICT_SLOPE_MB
+from safetrain.diagnostics import UNEXPLAINED_GROWTH_MB as UNEXPLAINED_GROWTH_MB
 from safetrain.doctor.instrument import census as census
 from safetrain.doctor.instrument import child_main as child_main
-from safetrain.doctor.report import CAUSES, diagnose, format_report, main, run
-from safetrain.doctor.report import EPOCH_SLOPE_MB as EPOCH_SLOPE_MB
-from safetrain.doctor.report import MIN_MODELS as MIN_MODELS
-from safetrain.doctor.report import MIN_PREDICTS as MIN_PREDICTS
-from safetrain.doctor.report import MIN_RETRACES as MIN_RETRACES
-from safetrain.doctor.report import MODEL_SLOPE_MB as MODEL_SLOPE_MB
-from safetrain.doctor.report import OBJECT_GROWTH_MB as OBJECT_GROWTH_MB
-from safetrain.doctor.report import PREDICT_GROWTH_MB as PREDICT_GROWTH_MB
-from safetrain.doctor.report import PREDICT_SLOPE_MB as PREDICT_SLOPE_MB
-from safetrain.doctor.report import UNEXPLAINED_GROWTH_MB as UNEXPLAINED_GROWTH_MB
+from safetrain.doctor.report import CAUSES, WARNINGS, diagnose, format_report, main, run
 
-__all__ = ["run", "diagnose", "format_report", "main", "CAUSES"]
+__all__ = ["run", "diagnose", "format_report", "main", "CAUSES", "WARNINGS"]

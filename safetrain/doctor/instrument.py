@@ -1,7 +1,11 @@
-"""The doctor's child side: the recorder, the import hooks that patch TensorFlow, Keras and SafeTrainer as the
-script imports them, the live-object census, and `child_main`, which runs the script under all of them.
+"""The doctor's child side: the recorder, the import hooks that patch TensorFlow, Keras and SafeTrainer whatever
+order the script imports them in, and `child_main`, which runs the script under all of them.
 
     python -m safetrain.doctor --child record.json train.py --epochs 5   # what `doctor.run` starts
+
+What it records is a `safetrain.diagnostics` record: events (models built, compiles, traces with their
+signatures, epochs, predict calls, arrays handed to `fit` or `tf.data`), memory read every 0.1 s between
+them, and an object census after warm-up and at the end.
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.abc
-import importlib.util
 import inspect
 import json
 import os
@@ -17,41 +20,69 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
-# The last census is skipped when RSS grew less than this since the first: diagnose could not call it accumulation.
-from safetrain.doctor.report import OBJECT_GROWTH_MB
+from safetrain.diagnostics import OBJECT_GROWTH_MB, census, read_memory
 
 __all__ = ["census", "child_main"]
+
+SAMPLE_EVERY_S = 0.1  # memory between events; doubled whenever the series reaches MAX_SAMPLES
+MAX_SAMPLES = 4000
+# Warm-up ends (the first census, the baseline for all growth) at the first of these counts.
+WARMUP = {"epochs": 1, "models": 2, "compiles": 2, "predicts": 5, "batches": 5, "gradients": 5, "calls": 5}
 
 
 class _Recorder:
     """Everything the child records; written as JSON when the script ends (however it ends)."""
 
     def __init__(self, out_path: str) -> None:
-        import psutil
-
-        process = psutil.Process()
-        self.rss_mb = lambda: process.memory_info().rss / 2**20
         self.out_path = out_path
         self.t0 = time.perf_counter()
         self.events: list[dict] = []
-        self.functions: dict[int, dict] = {}
+        self.samples: list[dict] = []
+        self.functions: list[dict] = []
         self.stateful: dict[str, dict] = {}
         self.resets: dict[int, int] = {}
         self.census: dict[str, Any] = {}
-        self.counts = {"models": 0, "predicts": 0, "epochs": 0, "fits": 0}
-        self.lock = threading.Lock()
+        self.baseline: dict[str, Any] | None = None
+        self.counts = dict.fromkeys(("models", "compiles", "fits", "epochs", "predicts", "batches", "gradients"), 0)
+        self.counts["calls"] = 0
+        self.model_keys: dict[int, str] = {}
+        self.api_depth = 0  # inside Keras's fit/evaluate/predict/*_on_batch: their own steps are not the script's
+        self.lock = threading.RLock()
         self.watch: type | None = None  # the fit callback class, set when keras is patched
         self.exit_code = 0
         self.error: str | None = None
+        self._stop = threading.Event()
         self.event("start")
+        threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
+
+    def now(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
 
     def event(self, kind: str, **detail) -> None:
-        self.events.append(
-            dict(t=round(time.perf_counter() - self.t0, 4), kind=kind, rss_mb=round(self.rss_mb(), 2), **detail)
-        )
+        rss, anon = read_memory()
+        with self.lock:
+            self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))
+
+    def _sample(self) -> None:
+        every = SAMPLE_EVERY_S
+        while not self._stop.wait(every):
+            rss, anon = read_memory()
+            with self.lock:
+                self.samples.append(dict(t=self.now(), rss_mb=round(rss, 2), anon_mb=round(anon, 2)))
+                if len(self.samples) >= MAX_SAMPLES:
+                    del self.samples[::2]
+                    every *= 2
+
+    def model_key(self, model) -> str:
+        key = self.model_keys.get(id(model))
+        if key is None:
+            key = self.model_keys[id(model)] = f"{getattr(model, 'name', type(model).__name__)}#{len(self.model_keys)}"
+            weakref.finalize(model, self.model_keys.pop, id(model), None)
+        return key
 
     def take_census(self, when: str) -> None:
         # A full collection (0.2-0.3 s with TensorFlow loaded) only for the last census, where garbage
@@ -59,64 +90,45 @@ class _Recorder:
         gc.collect() if when == "last" else gc.collect(1)
         t0 = time.perf_counter()
         stats = census()
+        rss, anon = read_memory()
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,
-            t=round(time.perf_counter() - self.t0, 4),
-            rss_mb=self.rss_mb(),
+            t=self.now(),
+            rss_mb=rss,
+            anon_mb=anon,
         )
 
-    def maybe_baseline(self) -> None:
-        if "first" not in self.census and (
-            self.counts["epochs"] >= 1 or self.counts["models"] >= 2 or self.counts["predicts"] >= 5
-        ):
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] += n
+        self.maybe_baseline(what, self.counts[what])
+
+    def maybe_baseline(self, what: str, n: int) -> None:
+        """Warm-up ends at the first repetition of the script's loop: take the baseline census there."""
+        main = threading.current_thread() is threading.main_thread()
+        if self.baseline is None and n >= WARMUP.get(what, 1 << 62) and main:
+            self.baseline = dict(t=self.now(), reason=f"{what} {n}")
             self.take_census("first")
 
+    def stop(self) -> None:
+        self._stop.set()
+
     def write(self) -> None:
-        data = dict(
-            events=self.events,
-            functions=list(self.functions.values()),
-            stateful=self.stateful,
-            census=self.census,
-            counts=self.counts,
-            exit_code=self.exit_code,
-            error=self.error,
-            wall_s=time.perf_counter() - self.t0,
-        )
-        with open(self.out_path, "w") as f:
-            json.dump(data, f)
-
-
-_BUFFERS: tuple[type, ...] = (bytes, bytearray, str)
-
-
-def census() -> dict[str, tuple[int, int]]:
-    """Live Python objects by type, `{type name: (count, bytes)}`, in about a third of a second.
-
-    Containers come from `gc.get_objects()`; of the objects they hold that the collector does not track,
-    only buffers (NumPy arrays, bytes, strings) are counted, which is where accumulated data lives.
-    """
-    try:
-        import numpy as np
-
-        buffers = _BUFFERS + (np.ndarray,)
-    except ImportError:
-        buffers = _BUFFERS
-    objects = gc.get_objects()
-    counts: dict[type, list[int]] = {}
-    for o in objects:
-        entry = counts.get(type(o))
-        if entry is None:
-            entry = counts[type(o)] = [0, 0]
-        entry[0] += 1
-        entry[1] += sys.getsizeof(o, 0)
-    held = {id(r): r for r in gc.get_referents(*objects) if type(r) in buffers}
-    for r in held.values():
-        entry = counts.setdefault(type(r), [0, 0])
-        entry[0] += 1
-        entry[1] += sys.getsizeof(r, 0)
-    del objects
-    return {t.__name__: (c, b) for t, (c, b) in counts.items()}
+        with self.lock:
+            data = dict(
+                events=self.events,
+                samples=self.samples,
+                functions=self.functions,
+                stateful=self.stateful,
+                census=self.census,
+                counts=self.counts,
+                baseline=self.baseline,
+                exit_code=self.exit_code,
+                error=self.error,
+                wall_s=time.perf_counter() - self.t0,
+            )
+            with open(self.out_path, "w") as f:
+                json.dump(data, f)
 
 
 def _describe(value) -> str:
@@ -147,6 +159,30 @@ def _signature(func, args, kwargs) -> dict[str, str]:
     return {name: _describe(value) for name, value in items if name != "self"}
 
 
+def _nbytes(value) -> int:
+    """Bytes of the NumPy-like arrays in `value` (nested lists, tuples and dicts); tensors and datasets are 0."""
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    return 0
+
+
+def _rows(value) -> int:
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    if isinstance(value, dict) and value:
+        return _rows(next(iter(value.values())))
+    shape = getattr(value, "shape", None)
+    try:
+        return int(shape[0]) if shape is not None and len(shape) and shape[0] is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _built_by_keras(model) -> bool:
     """A model Keras makes for its own use (the Functional model inside a built Sequential)."""
     if type(model).__name__ != "Functional":
@@ -162,24 +198,42 @@ def _built_by_keras(model) -> bool:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Call `callback` right after module `name` is first imported (by the script, in its own order, so
-    that whatever it sets before importing TensorFlow, such as environment variables, still applies)."""
+    """Call `callback` right after module `name` is first executed, whoever imports it and in whatever order
+    (so that whatever the script sets before importing TensorFlow, such as environment variables, still applies).
+
+    The finder stays first on `sys.meta_path` until the module has run: a mere look-up
+    (`importlib.util.find_spec("keras")`, which TensorFlow's import does) gets a spec that is thrown away,
+    and the import that follows comes back here for a new one.
+    """
 
     def __init__(self, name: str, callback) -> None:
         self.name, self.callback = name, callback
+        self._busy = threading.local()
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if fullname != self.name or getattr(self._busy, "on", False):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._busy.on = True
+        try:
+            spec = None
+            for finder in list(sys.meta_path):
+                find = getattr(finder, "find_spec", None)
+                if finder is self or find is None:
+                    continue
+                spec = find(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._busy.on = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        exec_module, callback = spec.loader.exec_module, self.callback
+        exec_module = spec.loader.exec_module
 
         def exec_then_patch(module):
             exec_module(module)
-            callback()
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            self.callback()
 
         spec.loader.exec_module = exec_then_patch
         return spec
@@ -219,20 +273,82 @@ def _patch_tensorflow(rec: _Recorder) -> None:
         if not callable(func):
             return original_function(func, *f_args, **f_kwargs)
         name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
-        entry: dict[str, Any] = {"name": name, "traces": []}
+        entry: dict[str, Any] = {"name": name, "traces": [], "calls": 0}
 
         @functools.wraps(func)
         def traced(*args, **kwargs):
+            made: list[bool] = []
+
+            def creator(next_creator, **kw):
+                made.append(True)
+                return next_creator(**kw)
+
+            sig = _signature(func, args, kwargs)
             with rec.lock:
                 if not entry["traces"]:
-                    rec.functions[id(entry)] = entry
-                entry["traces"].append(_signature(func, args, kwargs))
-                rec.event("trace", function=name, count=len(entry["traces"]))
-            return func(*args, **kwargs)
+                    rec.functions.append(entry)
+                previous = entry["traces"][-1] if entry["traces"] else None
+                # TensorFlow traces again, creating no variables, after a first trace that made some: not a retrace.
+                lifted = bool(previous and previous.get("made_variables") and previous["args"] == sig)
+                trace = dict(t=rec.now(), args=sig, lifted=lifted)
+                entry["traces"].append(trace)
+            rec.event("trace", function=name, count=len(entry["traces"]), lifted=lifted)
+            try:
+                with tf.variable_creator_scope(creator):
+                    return func(*args, **kwargs)
+            finally:
+                trace["made_variables"] = bool(made)
 
+        traced._safetrain_doctor_entry = entry
         return original_function(traced, *f_args, **f_kwargs)
 
     tf.function = function
+
+    # Calls of the script's own tf.functions (outside Keras's loops) mark its loop in custom training.
+    function_class = type(original_function(lambda: None))
+    call = function_class.__call__
+
+    @functools.wraps(call)
+    def counted_call(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            if rec.api_depth == 0:
+                entry = getattr(getattr(self, "python_function", None), "_safetrain_doctor_entry", None)
+                if entry is not None:
+                    entry["calls"] += 1
+                    rec.counts["calls"] += 1
+                    rec.maybe_baseline("calls", entry["calls"])
+
+    function_class.__call__ = counted_call
+
+    gradient = tf.GradientTape.gradient
+
+    @functools.wraps(gradient)
+    def counted_gradient(self, *args, **kwargs):
+        try:
+            return gradient(self, *args, **kwargs)
+        finally:
+            if rec.api_depth == 0 and tf.executing_eagerly():
+                rec.count("gradients")
+
+    tf.GradientTape.gradient = counted_gradient
+
+    for source in ("from_tensor_slices", "from_tensors"):
+        _wrap_data_source(rec, tf.data.Dataset, source)
+
+
+def _wrap_data_source(rec: _Recorder, cls, name: str) -> None:
+    make = getattr(cls, name)
+
+    @functools.wraps(make)
+    def wrapped(tensors, *args, **kwargs):
+        nbytes = _nbytes(tensors) if rec.api_depth == 0 else 0
+        if nbytes:
+            rec.event("data", source=f"tf.data.Dataset.{name}", nbytes=nbytes)
+        return make(tensors, *args, **kwargs)
+
+    setattr(cls, name, staticmethod(wrapped))
 
 
 def _patch_keras(rec: _Recorder) -> None:
@@ -251,11 +367,25 @@ def _patch_keras(rec: _Recorder) -> None:
         finally:
             depth.n -= 1
             if depth.n == 0 and not _built_by_keras(self):
-                rec.counts["models"] += 1
-                rec.event("model", model=type(self).__name__, count=rec.counts["models"])
-                rec.maybe_baseline()
+                rec.event("model", model=rec.model_key(self), count=rec.counts["models"] + 1)
+                rec.count("models")
 
     keras.Model.__init__ = init
+
+    compile_ = keras.Model.compile
+
+    @functools.wraps(compile_)
+    def compile(self, *args, **kwargs):
+        depth.c = getattr(depth, "c", 0) + 1
+        try:
+            return compile_(self, *args, **kwargs)
+        finally:
+            depth.c -= 1
+            if depth.c == 0:
+                rec.event("compile", model=rec.model_key(self), count=rec.counts["compiles"] + 1)
+                rec.count("compiles")
+
+    keras.Model.compile = compile
 
     rnn_reset = keras.layers.RNN.reset_state
 
@@ -272,8 +402,7 @@ def _patch_keras(rec: _Recorder) -> None:
             self.api = api
 
         def on_epoch_end(self, epoch, logs=None):
-            rec.counts["epochs"] += 1
-            rec.event("epoch", api=self.api, epoch=int(epoch), count=rec.counts["epochs"])
+            rec.event("epoch", api=self.api, epoch=int(epoch), count=rec.counts["epochs"] + 1)
             model = self.model
             for layer in _compat.flatten_layers(model) if model is not None else ():
                 if getattr(layer, "stateful", False):
@@ -283,11 +412,30 @@ def _patch_keras(rec: _Recorder) -> None:
                     )
                     entry["epochs"] += 1
                     entry["resets"] = rec.resets.get(id(layer), 0)
-            rec.maybe_baseline()
+            rec.count("epochs")
 
     rec.watch = Watch
     _wrap_fit(rec, keras.Model, "Model.fit")
     _wrap_predict(rec, keras.Model, "Model.predict")
+    _wrap_api(rec, keras.Model, "evaluate")
+    for name in ("train_on_batch", "test_on_batch", "predict_on_batch"):
+        _wrap_api(rec, keras.Model, name, count="batches")
+
+
+def _wrap_api(rec: _Recorder, cls, name: str, count: str | None = None) -> None:
+    method = getattr(cls, name)
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        rec.api_depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            rec.api_depth -= 1
+            if count and rec.api_depth == 0:
+                rec.count(count)
+
+    setattr(cls, name, wrapped)
 
 
 def _wrap_fit(rec: _Recorder, cls, api: str) -> None:
@@ -297,12 +445,21 @@ def _wrap_fit(rec: _Recorder, cls, api: str) -> None:
     def wrapped(self, *args, **kwargs):
         callbacks = list(kwargs.get("callbacks") or [])
         kwargs["callbacks"] = callbacks + [rec.watch(api)]
-        rec.counts["fits"] += 1
-        rec.event("fit_begin", api=api)
+        outer = rec.api_depth == 0
+        if outer:
+            rec.counts["fits"] += 1
+            arrays = list(args[:2]) + [kwargs.get("x"), kwargs.get("y"), kwargs.get("validation_data")]
+            nbytes = _nbytes(arrays)
+            rec.event("fit_begin", api=api)
+            if nbytes:
+                rec.event("data", source=api, nbytes=nbytes)
+        rec.api_depth += 1
         try:
             return fit(self, *args, **kwargs)
         finally:
-            rec.event("fit_end", api=api)
+            rec.api_depth -= 1
+            if outer:
+                rec.event("fit_end", api=api)
 
     cls.fit = wrapped
 
@@ -313,12 +470,14 @@ def _wrap_predict(rec: _Recorder, cls, api: str) -> None:
     @functools.wraps(predict)
     def wrapped(self, *args, **kwargs):
         t0 = time.perf_counter()
+        rec.api_depth += 1
         try:
             return predict(self, *args, **kwargs)
         finally:
-            rec.counts["predicts"] += 1
-            rec.event("predict", api=api, count=rec.counts["predicts"], seconds=time.perf_counter() - t0)
-            rec.maybe_baseline()
+            rec.api_depth -= 1
+            rows = _rows(args[0] if args else kwargs.get("x"))
+            rec.event("predict", api=api, count=rec.counts["predicts"] + 1, rows=rows, seconds=time.perf_counter() - t0)
+            rec.count("predicts")
 
     cls.predict = wrapped
 
@@ -328,6 +487,7 @@ def _patch_safetrain(rec: _Recorder) -> None:
 
     _wrap_fit(rec, SafeTrainer, "SafeTrainer.fit")
     _wrap_predict(rec, SafeTrainer, "SafeTrainer.predict")
+    _wrap_api(rec, SafeTrainer, "evaluate")
 
 
 def child_main(argv: Sequence[str]) -> int:
@@ -354,10 +514,11 @@ def child_main(argv: Sequence[str]) -> int:
         rec.error = "".join(traceback.format_exception_only(type(e), e)).strip()
         traceback.print_exc()
     finally:
-        rec.event("end")
+        rec.stop()
+        rec.event("end")  # the end reading comes before the last census, which allocates and collects
         first = rec.census.get("first")
         # Without growth since the first census there is nothing for a second one to explain.
-        if first is None or rec.rss_mb() - first["rss_mb"] > OBJECT_GROWTH_MB:
+        if first is not None and rec.events[-1]["anon_mb"] - first["anon_mb"] > OBJECT_GROWTH_MB:
             rec.take_census("last")
         rec.write()
     return rec.exit_code

@@ -10,7 +10,8 @@ import gc
 import os
 import warnings
 
-from safetrain import diagnostics, distributed, isolation, memory
+from safetrain import diagnostics, distributed, hooks, isolation, memory
+from safetrain.diagnostics import FIXES
 from safetrain.errors import ConfigurationError, LeakWarning, MemoryBudgetExceeded
 from safetrain.memory import trim_malloc
 from safetrain.policies.base import Policy, choice, positive_int
@@ -165,11 +166,14 @@ class MemoryBudget(Policy):
 class LeakDetector(Policy):
     """Warn once, with a diagnosis, when RSS grows faster than `threshold_mb_per_epoch` over `window` epochs.
 
-    The diagnosis (also in `detector.report`) gives the trace counts, the Python object types that grew
-    most (by bytes) since the first epoch, the growth in live Keras models and TensorFlow function graphs,
-    and the policy that would help. With `rehydrate=True` it also re-hydrates whenever it fires. It takes a
-    census of live objects after the first epoch and again when it fires (about a second each); the
-    slope is fitted from the second epoch on.
+    The diagnosis comes from the same rules as the doctor's (`safetrain.diagnostics.diagnose`): the causes
+    whose evidence accounts for the growth (retracing, models kept alive, Python-side accumulation by the
+    bytes live arrays and tensors hold, allocator growth), warnings (a stateful layer never reset), and the
+    fix for each. `detector.report` holds it: `causes`, `suggestion` (the first fix), `grew` (the object
+    types that grew most, by bytes, since the first epoch), `traces`, `live_models`, `text` (what the warning
+    says). With `rehydrate=True` it also re-hydrates whenever it fires. It takes a census of live objects
+    after the first epoch and again when it fires (a few tenths of a second each); the slope is fitted from
+    the second epoch on.
 
     Example:
         >>> detector = LeakDetector(window=10, threshold_mb_per_epoch=1.0)
@@ -187,6 +191,7 @@ class LeakDetector(Policy):
         self.rehydrate = bool(rehydrate)
         self.report: dict | None = None
         self._baseline: dict | None = None
+        self._events: list[dict] = []
         self._start: int | None = None
 
     def on_train_begin(self, trainer):
@@ -197,9 +202,17 @@ class LeakDetector(Policy):
             trainer.check_rehydratable()
 
     def on_epoch_end(self, trainer, epoch, logs, sample):
+        t = float(len(self._events))
+        self._events.append(dict(t=t, kind="epoch", rss_mb=sample.rss_mb))
         if self._baseline is None:
             # After the first epoch: tracing and warm-up are done, what grows from here on is the leak.
-            self._baseline = diagnostics.baseline(trainer, sample)
+            self._baseline = dict(
+                t=t,
+                stats=diagnostics.census(),
+                rss_mb=sample.rss_mb,
+                models=live_models(),
+                traces=dict(trainer.steps.total_trace_counts),
+            )
         series = trainer.memory.series("rss_mb")[self._start or 0 :]
         if len(series) < self.window:
             return
@@ -207,15 +220,80 @@ class LeakDetector(Policy):
         if growth <= self.threshold_mb_per_epoch:
             return
         if self.report is None:
-            self.report = diagnostics.diagnose(
-                trainer,
-                self._baseline,
-                growth,
-                self.window,
-                self.threshold_mb_per_epoch,
-                sample,
-                resets=trainer.policies.find(ResetStates) is not None,
-            )
+            self.report = self._diagnose(trainer, growth, sample)
             warnings.warn(self.report["text"], LeakWarning, stacklevel=2)
         if self.rehydrate:
             trainer.rehydrate()
+
+    def _record(self, trainer, sample) -> dict:
+        """What this run shows, as a `safetrain.diagnostics` record (the doctor's shape)."""
+        base = self._baseline
+        assert base is not None
+        now = self._events[-1]["t"]
+        events = list(self._events)
+        functions = []
+        for kind, total in trainer.steps.total_trace_counts.items():
+            before = base["traces"].get(kind, 0)
+            specs = [repr(s)[:200] for s in trainer.steps.signatures.get(kind, [])]
+            specs = [""] * max(0, total - len(specs)) + specs  # traces before a re-hydration: signatures unknown
+            traces = [
+                dict(t=base["t"] if i < before else now, args={"data": spec or f"trace {i + 1}"})
+                for i, spec in enumerate(specs)
+            ]
+            functions.append(dict(name=kind, traces=traces))
+            events += [dict(t=now, kind="trace", function=kind, rss_mb=sample.rss_mb)] * max(0, total - before)
+        stateful = {}
+        if trainer.policies.find(ResetStates) is None:
+            for layer in hooks.layers_of(trainer.model):
+                if getattr(layer, "stateful", False):
+                    stateful[layer.name] = dict(
+                        layer=layer.name, **{"class": type(layer).__name__}, epochs=len(self._events), resets=0
+                    )
+        return dict(
+            events=sorted(events, key=lambda e: e["t"]) + [dict(t=now, kind="end", rss_mb=sample.rss_mb)],
+            functions=functions,
+            stateful=stateful,
+            census=dict(
+                first=dict(t=base["t"], stats=base["stats"], rss_mb=base["rss_mb"]),
+                last=dict(t=now, stats=diagnostics.census(), rss_mb=sample.rss_mb),
+            ),
+            counts=dict(epochs=len(self._events)),
+            baseline=dict(t=base["t"], reason="the first epoch"),
+            live_models_growth=live_models() - base["models"],
+        )
+
+    def _diagnose(self, trainer, growth: float, sample) -> dict:
+        record = self._record(trainer, sample)
+        found = diagnostics.diagnose(record)
+        first = found["causes"] + found["warnings"]
+        suggestion = first[0]["fix"] if first else FIXES["allocator_growth"]
+        grew = [(name, count, size) for size, count, name in found["grew"]]
+        top = ", ".join(f"{k} +{n} ({b / 2**20:.1f} MiB)" for k, n, b in grew[:5]) or "none"
+        named = "; ".join(f"{c['title']}: {c['evidence']}" for c in first) or "no cause accounts for it"
+        traces = dict(trainer.steps.total_trace_counts)
+        text = (
+            f"RSS grows {growth:.2f} MiB/epoch over the last {self.window} epochs (threshold "
+            f"{self.threshold_mb_per_epoch:.2f}); {found['growth_mb']:+.1f} MiB since epoch 1, of which live "
+            f"objects hold {found['object_growth_mb']:.1f} MiB. Traces: {traces}. Keras models alive: "
+            f"{record['live_models_growth']:+d} since epoch 1. Grew most: {top}. Found: {named}. "
+            f"Suggested: {suggestion}."
+        )
+        return dict(
+            slope_mb_per_epoch=growth,
+            causes=found["causes"],
+            warnings=found["warnings"],
+            traces=traces,
+            grew=grew,
+            object_mb=found["object_growth_mb"],
+            rss_mb=found["growth_mb"],
+            live_models=record["live_models_growth"],
+            suggestion=suggestion,
+            text=text,
+        )
+
+
+def live_models() -> int:
+    """How many Keras models are alive now."""
+    import keras
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, keras.Model))
