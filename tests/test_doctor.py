@@ -53,7 +53,8 @@ def test_the_doctor_names_the_right_cause(reports, name):
 
 def test_a_retrace_names_the_function_and_the_argument_whose_shape_varied(reports):
     (cause,) = reports["retracing.py"]["diagnosis"]["causes"]
-    assert cause["function"] == "train_step" and cause["traces"] == 20  # 20 lengths; TF's variable-free retrace left out
+    # 20 lengths; TensorFlow's variable-free second trace is left out.
+    assert cause["function"] == "train_step" and cause["traces"] == 20
     assert set(cause["varied"]) == {"x"} and "float32[8x10x4]" in cause["varied"]["x"]
     assert "SafeTrainer(model).fit" in cause["fix"]
     assert cause["growth_mb"] > 20
@@ -276,7 +277,8 @@ def test_warm_up_is_not_growth():
 
 def test_arrays_held_several_times_are_data_copies():
     mib = 2**20
-    events = [dict(t=0.0, kind="model", rss_mb=400), dict(t=1.0, kind="data", nbytes=200 * mib, rss_mb=600, source="Model.fit")]
+    events = [dict(t=0.0, kind="model", rss_mb=400)]
+    events += [dict(t=1.0, kind="data", nbytes=200 * mib, rss_mb=600, source="Model.fit")]
     events += [dict(t=2.0, kind="sample", rss_mb=1050), dict(t=3.0, kind="epoch", rss_mb=1040)]
     found = diagnosis(warm(events, at=3.0))  # warm-up ends with the first epoch
     (cause,) = found["causes"]
