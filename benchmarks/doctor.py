@@ -1,16 +1,19 @@
-"""The doctor: its overhead on a clean script, and its verdicts on examples/leaky/.
+"""The doctor: its overhead on clean scripts, and its verdicts on examples/leaky/ and the corpus (tests/corpus/).
 
-    python benchmarks/doctor.py                 # 5 interleaved runs of each, then every leaky example
+    python benchmarks/doctor.py                 # 5 interleaved runs of each clean script, then every verdict
     python benchmarks/doctor.py --reps 7 --json results/doctor.json
+    python benchmarks/doctor.py --reps 0 --only corpus     # verdicts only
 
 Overhead: wall time of `python SCRIPT` against `python -m safetrain doctor SCRIPT`, each in a fresh
-process, alternated, medians (TensorFlow's import is in both). Target (issue 6): under 10%.
-Verdicts: the causes the doctor names for each script in examples/leaky/ against the known answer.
+process, alternated, medians (TensorFlow's import is in both). Target (issue 13): under 10%.
+Verdicts: the causes and warnings the doctor names for each script against the known answer (for the corpus,
+the `Known answer:` and `Warnings:` lines of each script's docstring; `retraced` warnings are informational).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -21,15 +24,35 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LEAKY = ROOT / "examples" / "leaky"
-EXPECTED = {
-    "retracing.py": ["retracing"],
-    "models_in_loop.py": ["models_in_loop"],
-    "predict_in_loop.py": ["predict_in_loop"],
-    "stateful_not_reset.py": ["stateful_not_reset"],
-    "python_accumulation.py": ["python_accumulation"],
-    "allocator_growth.py": ["allocator_growth"],
-    "clean.py": [],
+CORPUS = ROOT / "tests" / "corpus"
+EXPECTED = {  # examples/leaky/: (causes, warnings)
+    "retracing.py": ({"retracing"}, set()),
+    "models_in_loop.py": ({"models_in_loop"}, set()),
+    "predict_in_loop.py": ({"predict_in_loop"}, set()),
+    "stateful_not_reset.py": (set(), {"stateful_not_reset"}),
+    "python_accumulation.py": ({"python_accumulation"}, set()),
+    "allocator_growth.py": ({"allocator_growth"}, set()),
+    "clean.py": (set(), set()),
 }
+
+
+def known_answer(path: pathlib.Path) -> dict:
+    """A corpus script's docstring lines `Report:`, `Known answer:` (causes, or `none`) and `Warnings:`."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    fields = {}
+    for line in doc.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("Report", "Known answer", "Warnings"):
+            fields[key.strip()] = value.strip()
+
+    def names(value: str) -> set[str]:
+        return {n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"}
+
+    return dict(
+        report=fields.get("Report", ""),
+        causes=names(fields["Known answer"]) if "Known answer" in fields else None,
+        warnings=names(fields.get("Warnings", "")),
+    )
 
 
 def timed(cmd: list[str]) -> float:
@@ -55,23 +78,35 @@ def overhead(command: str, reps: int) -> dict:
     return dict(script=command, runs=runs, median=med, overhead=med["doctor"] / med["plain"] - 1)
 
 
-def verdicts() -> list[dict]:
+def verdicts(which: str) -> list[dict]:
+    """Each script of examples/leaky/ and/or the corpus under the doctor, against its known answer."""
     from safetrain import doctor
 
+    scripts = []
+    if which in ("all", "leaky"):
+        scripts += [(LEAKY / name, causes, warnings) for name, (causes, warnings) in EXPECTED.items()]
+    if which in ("all", "corpus"):
+        for path in sorted(CORPUS.glob("*.py")):
+            answer = known_answer(path)
+            scripts.append((path, answer["causes"], answer["warnings"]))
     rows = []
-    for name, expected in EXPECTED.items():
-        report = doctor.run(str(LEAKY / name), echo=False)
-        found = [c["cause"] for c in report["diagnosis"]["causes"]]
+    for path, causes, warnings in scripts:
+        report = doctor.run(str(path), echo=False, timeout=600)
+        found = {c["cause"] for c in report["diagnosis"]["causes"]}
+        warned = {w["cause"] for w in report["diagnosis"]["warnings"]} - {"retraced"}
         rows.append(
             dict(
-                script=name,
-                expected=expected,
-                found=found,
-                correct=found == expected,
+                script=str(path.relative_to(ROOT)),
+                expected=sorted(causes) + [f"warning {w}" for w in sorted(warnings)],
+                found=sorted(found) + [f"warning {w}" for w in sorted(warned)],
+                correct=(found, warned) == (causes, warnings),
+                wall_s=report["wall_s"],
                 evidence=[c["evidence"] for c in report["diagnosis"]["causes"]],
             )
         )
-        print(f"  {name:24s} {found}", file=sys.stderr, flush=True)
+        print(
+            f"  {rows[-1]['script']:60s} {rows[-1]['found']} {'' if rows[-1]['correct'] else 'WRONG'}", file=sys.stderr
+        )
     return rows
 
 
@@ -83,10 +118,11 @@ def main(argv=None) -> None:
         default="examples/quickstart.py,examples/leaky/clean.py,examples/leaky/clean.py 60",
         help="clean scripts to time (with their arguments), comma-separated, relative to the repository",
     )
+    p.add_argument("--only", choices=("all", "leaky", "corpus"), default="all", help="which verdicts to run")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    timing = [overhead(s, a.reps) for s in a.scripts.split(",")]
-    rows = verdicts()
+    timing = [overhead(s, a.reps) for s in a.scripts.split(",")] if a.reps > 0 else []
+    rows = verdicts(a.only)
     print("| clean script | plain s | under the doctor s | overhead | target |")
     print("|---|---|---|---|---|")
     for t in timing:
@@ -95,7 +131,7 @@ def main(argv=None) -> None:
             f"{100 * t['overhead']:+.1f}% | < 10% |"
         )
     print(f"\n(medians of {a.reps} alternated runs, each a fresh process; TensorFlow's import is in both)\n")
-    print("| examples/leaky/ | expected | doctor's verdict | correct |")
+    print("| script | known answer | doctor's verdict | correct |")
     print("|---|---|---|---|")
     for r in rows:
         print(

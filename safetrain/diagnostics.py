@@ -19,9 +19,11 @@ A record is a dict:
     functions  [{name, traces: [{t, args: {argument: description}, lifted: bool}]}], one per tf.function
                object; `lifted`: TensorFlow's variable-free second trace after a first that made variables
     stateful   {key: {layer, class, epochs, resets}}
-    census     {"first": {stats, t, rss_mb, anon_mb?}, "last": {...}}: `census()` after warm-up and at the end
+    census     {"first": {stats, t, rss_mb, anon_mb?}, "last": {...}}: `census()` after warm-up (once memory
+               grew) and at the end; object growth is compared with the memory grown between the two
     counts     {models, compiles, fits, epochs, predicts, batches, gradients, calls}
-    baseline   {t, reason}: where warm-up ended (the first census); growth is measured from here
+    baseline   {t, reason, rss_mb?, anon_mb?}: where warm-up ended; growth is measured from here (without
+               one, from the first census)
     live_models_growth  (optional) Keras models alive beyond the baseline, for callers that cannot time builds
 """
 
@@ -77,9 +79,9 @@ FIXES = {
     "recompiling": "compile once, outside the loop; to start each fold afresh keep the first weights "
     "(w = model.get_weights(); model.set_weights(w)) and reset the optimizer's variables, or "
     "SafeTrainer(build_model) with a factory per fold",
-    "models_in_loop": "trainer = SafeTrainer(build_model)  # a factory per fold/trial: earlier models are released; "
-    "or keras.backend.clear_session() before each new model, or safetrain.run_isolated(train_one, i) for a "
-    "fresh process per model",
+    "models_in_loop": "trainer = SafeTrainer(build_model)  # a factory per fold/trial: earlier models are released "
+    "(keras.backend.clear_session() alone is not enough: each traced train step stays in TensorFlow's gradient "
+    "registry); or safetrain.run_isolated(train_one, i) for a fresh process per model",
     "predict_in_loop": "y = model(x, training=False)  # for small inputs in a loop: no pipeline per call; or collect "
     "the inputs and predict once (SafeTrainer(model).predict(all_x): one trace, one pipeline)",
     "data_copies": "SafeTrainer(model).fit(x, y)  # arrays are streamed by index, never copied whole; keep one "
@@ -143,6 +145,15 @@ def slope(values: Sequence[float], xs: Sequence[float] | None = None) -> float:
 def _slope0(values: Sequence[float]) -> float:
     s = slope(values)
     return 0.0 if s != s else s  # NaN -> 0
+
+
+def _keeps_growing(values: Sequence[float], per_unit: float) -> bool:
+    """Whether memory still grows in the second half of `values` (one reading per pass of a loop): a few
+    passes of warm-up that step memory up, then flat, give a slope but are not a leak."""
+    if len(values) < 4:
+        return True
+    half = values[len(values) // 2 :]
+    return half[-1] - half[0] >= 0.25 * per_unit * (len(half) - 1)
 
 
 # -- the census -------------------------------------------------------------------------------------------
@@ -233,17 +244,20 @@ class _Run:
         self.census = rec.get("census", {})
         first = self.census.get("first")
         base = rec.get("baseline") or {}
-        if first is not None:
-            self.base_t = first.get("t", 0.0)
-            self.base_m = first.get(self.key, first.get("rss_mb"))
+        started = [e for e in self.events if e["kind"] in ("model", "trace", "fit_begin", "predict", "epoch")]
+        if base.get(self.key) is not None:
+            self.base_t, self.base_m = base["t"], base[self.key]
+        elif first is not None and not base:
+            self.base_t, self.base_m = first.get("t", 0.0), first.get(self.key, first.get("rss_mb"))
         else:
-            started = [e for e in self.events if e["kind"] in ("model", "trace", "fit_begin", "predict", "epoch")]
             self.base_t = base.get("t", started[0]["t"] if started else 0.0)
             self.base_m = self.at(self.base_t)
         self.base_reason = base.get("reason", "the first census" if first else "the first model, trace or fit")
         end = [e for e in self.events if e["kind"] == "end"]
         self.end_m = end[-1][self.key] if end else (self.readings[-1][1] if self.readings else 0.0)
         self.growth = (self.end_m - self.base_m) if self.readings else 0.0
+        # Memory grown between the first census (taken once memory grew after warm-up) and the end.
+        self.census_growth = (self.end_m - first.get(self.key, first.get("rss_mb"))) if first else self.growth
         self.epochs = [e for e in self.events if e["kind"] == "epoch"]
 
     def at(self, t: float) -> float:
@@ -372,7 +386,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         ms = [e[run.key] for e in events]
         per_compile = _slope0(ms[1:])
         growth = run.end_m - ms[1]
-        if per_compile > COMPILE_SLOPE_MB and growth > OBJECT_GROWTH_MB:
+        if per_compile > COMPILE_SLOPE_MB and growth > OBJECT_GROWTH_MB and _keeps_growing(ms[1:], per_compile):
             since = events[0]["t"]
             made = [
                 fn
@@ -404,7 +418,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         ms = [e[run.key] for e in models]
         per_model = _slope0(ms[1:]) if len(ms) > 3 else _slope0(ms)
         growth = run.end_m - ms[1]
-        if per_model > MODEL_SLOPE_MB and growth > OBJECT_GROWTH_MB:
+        if per_model > MODEL_SLOPE_MB and growth > OBJECT_GROWTH_MB and _keeps_growing(ms[1:], per_model):
             causes.append(
                 dict(
                     cause="models_in_loop",
@@ -449,7 +463,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         seconds = sum(e.get("seconds", 0.0) for e in predicts) / len(predicts)
         rows = sorted(e.get("rows", 0) or 0 for e in predicts)[len(predicts) // 2]
         size = f"{rows} rows per call" if rows else "small inputs"
-        if per_call > PREDICT_SLOPE_MB and growth > PREDICT_GROWTH_MB:
+        if per_call > PREDICT_SLOPE_MB and growth > PREDICT_GROWTH_MB and _keeps_growing(ms, _slope0(ms)):
             causes.append(
                 dict(
                     cause="predict_in_loop",
@@ -499,7 +513,8 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
     # Beside another cause, only data (arrays, tensors, bytes) counts: graphs and models leave objects too.
     held_mb = data_mb if others else object_mb
     types = [g for g in grew if g[0] / 2**20 >= 1.0 and (g[2] in DATA_TYPES or not others)][:4]
-    if held_mb > OBJECT_GROWTH_MB and types and held_mb >= 0.5 * (unexplained if others else run.growth):
+    window = min(unexplained, run.census_growth) if others else run.census_growth
+    if held_mb > OBJECT_GROWTH_MB and types and held_mb >= 0.5 * window:
         causes.append(
             dict(
                 cause="python_accumulation",
@@ -515,12 +530,13 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         explained += held_mb
 
     # Allocator growth: memory grew after warm-up and nothing above, live objects included, accounts for it.
-    epoch_slope = _slope0([e[run.key] for e in run.epochs[1:]]) if len(run.epochs) > 3 else 0.0
+    epoch_ms = [e[run.key] for e in run.epochs[1:]]
+    epoch_slope = _slope0(epoch_ms) if len(run.epochs) > 3 else 0.0
     unexplained = run.growth - explained
     if (
         not others
         and unexplained > UNEXPLAINED_GROWTH_MB
-        and (epoch_slope > EPOCH_SLOPE_MB or len(run.epochs) <= 3)
+        and (epoch_slope > EPOCH_SLOPE_MB and _keeps_growing(epoch_ms, epoch_slope) or len(run.epochs) <= 3)
         and object_mb < 0.25 * run.growth
     ):
         rate = f" ({per_unit:+.2f} MiB per {unit})" if unit else ""
@@ -528,9 +544,10 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
             dict(
                 cause="allocator_growth",
                 title="allocator growth with no live-object growth",
-                evidence=f"memory {run.growth:+.1f} MiB after warm-up{rate} while live objects grew "
-                f"{object_mb:+.1f} MiB and no traces, compiles, models or predict calls piled up: memory freed "
-                "inside the process but kept by the allocator, or held by native code",
+                evidence=f"memory {run.growth:+.1f} MiB after warm-up{rate} while "
+                + (f"live objects grew {object_mb:+.1f} MiB" if first and last else "no Keras loop ran to count objects in")
+                + " and no traces, compiles, models or predict calls piled up: memory freed inside the process but "
+                "kept by the allocator, or held by native code",
                 fix=FIXES["allocator_growth"],
                 growth_mb=run.growth,
                 slope_mb_per_epoch=epoch_slope,
@@ -559,7 +576,9 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         leak=bool(causes),
         memory_key=run.key,
         baseline_t=run.base_t,
+        baseline_mb=run.base_m,
         baseline_reason=run.base_reason,
+        end_mb=run.end_m,
         growth_mb=run.growth,
         explained_mb=explained,
         object_growth_mb=object_mb,

@@ -63,7 +63,9 @@ def test_a_retrace_names_the_function_and_the_argument_whose_shape_varied(report
 def test_the_report_counts_what_ran(reports):
     clean = reports["clean.py"]
     counts = clean["diagnosis"]["counts"]
-    assert counts == dict(models=1, compiles=1, predicts=1, epochs=10, fits=1, batches=0, gradients=0, calls=0)
+    assert counts == dict(
+        models=1, compiles=1, predicts=1, epochs=10, fits=1, batches=0, gradients=0, calls=0, model_calls=0
+    )
     assert "no leak found" in clean["text"]
     # TensorFlow's second trace of a step whose first trace made variables is not a retrace (nor printed as one).
     assert clean["diagnosis"]["retraced"] == {} and "traced for more than one" not in clean["text"]

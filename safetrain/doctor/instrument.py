@@ -5,7 +5,7 @@ order the script imports them in, and `child_main`, which runs the script under 
 
 What it records is a `safetrain.diagnostics` record: events (models built, compiles, traces with their
 signatures, epochs, predict calls, arrays handed to `fit` or `tf.data`), memory read every 0.1 s between
-them, and an object census after warm-up and at the end.
+them, and an object census once memory grows after warm-up and again at the end.
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from safetrain.diagnostics import OBJECT_GROWTH_MB, census, read_memory
+from safetrain.diagnostics import census, read_memory
 
 __all__ = ["census", "child_main"]
 
 SAMPLE_EVERY_S = 0.1  # memory between events; doubled whenever the series reaches MAX_SAMPLES
 MAX_SAMPLES = 4000
-# Warm-up ends (the first census, the baseline for all growth) at the first of these counts.
-WARMUP = {"epochs": 1, "models": 2, "compiles": 2, "predicts": 5, "batches": 5, "gradients": 5, "calls": 5}
+CENSUS_AFTER_MB = 4.0  # the first census is taken once memory grew this much after warm-up ...
+LAST_CENSUS_AFTER_MB = 2.0  # ... and the last one if memory grew again after it
+CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the script's thread
+# Warm-up ends (the baseline for all growth) at the first of these counts.
+WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
 
 
 class _Recorder:
@@ -47,15 +50,19 @@ class _Recorder:
         self.resets: dict[int, int] = {}
         self.census: dict[str, Any] = {}
         self.baseline: dict[str, Any] | None = None
+        self.activity: dict[str, Any] | None = None  # the first model, trace, fit or predict
         self.counts = dict.fromkeys(("models", "compiles", "fits", "epochs", "predicts", "batches", "gradients"), 0)
-        self.counts["calls"] = 0
+        self.counts.update(calls=0, model_calls=0)
         self.model_keys: dict[int, str] = {}
+        self.models_seen = 0
         self.api_depth = 0  # inside Keras's fit/evaluate/predict/*_on_batch: their own steps are not the script's
         self.lock = threading.RLock()
         self.watch: type | None = None  # the fit callback class, set when keras is patched
         self.exit_code = 0
         self.error: str | None = None
         self._stop = threading.Event()
+        self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
+        self.main = threading.current_thread()
         self.event("start")
         threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
 
@@ -66,6 +73,13 @@ class _Recorder:
         rss, anon = read_memory()
         with self.lock:
             self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))
+        if self.activity is None and kind in ("model", "trace", "fit_begin", "predict"):
+            self.activity = self.events[-1]
+        self.census_if_due()
+
+    def census_if_due(self) -> None:
+        if self.census_due is not None and "first" not in self.census and threading.current_thread() is self.main:
+            self.take_census("first")
 
     def _sample(self) -> None:
         every = SAMPLE_EVERY_S
@@ -76,25 +90,37 @@ class _Recorder:
                 if len(self.samples) >= MAX_SAMPLES:
                     del self.samples[::2]
                     every *= 2
+            # The first census waits until memory grows after warm-up: a flat script never pays for one. The
+            # script's thread takes it at its next event (a census here would race the script's own work);
+            # a loop with no events gets it from here after CENSUS_WAIT_S.
+            # Before any loop is recognized, growth after the first model, trace, fit or predict counts too.
+            base = self.baseline or self.activity
+            if base is not None and "first" not in self.census and anon - base["anon_mb"] > CENSUS_AFTER_MB:
+                if self.census_due is None:
+                    self.census_due = time.perf_counter()
+                elif time.perf_counter() - self.census_due > CENSUS_WAIT_S:
+                    self.take_census("first")
 
     def model_key(self, model) -> str:
         key = self.model_keys.get(id(model))
         if key is None:
-            key = self.model_keys[id(model)] = f"{getattr(model, 'name', type(model).__name__)}#{len(self.model_keys)}"
+            self.models_seen += 1  # a new number for every model: names repeat after clear_session(), ids are reused
+            key = self.model_keys[id(model)] = f"{getattr(model, 'name', type(model).__name__)}#{self.models_seen}"
             weakref.finalize(model, self.model_keys.pop, id(model), None)
         return key
 
     def take_census(self, when: str) -> None:
         # A full collection (0.2-0.3 s with TensorFlow loaded) only for the last census, where garbage
         # would read as growth; left in the first, it only makes the growth look smaller.
-        gc.collect() if when == "last" else gc.collect(1)
-        t0 = time.perf_counter()
+        if when == "last":
+            gc.collect()
+        t0, t = time.perf_counter(), self.now()
+        rss, anon = read_memory()  # before: the objects counted are those alive at the start
         stats = census()
-        rss, anon = read_memory()
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,
-            t=self.now(),
+            t=t,
             rss_mb=rss,
             anon_mb=anon,
         )
@@ -102,13 +128,13 @@ class _Recorder:
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n
         self.maybe_baseline(what, self.counts[what])
+        self.census_if_due()
 
     def maybe_baseline(self, what: str, n: int) -> None:
-        """Warm-up ends at the first repetition of the script's loop: take the baseline census there."""
-        main = threading.current_thread() is threading.main_thread()
-        if self.baseline is None and n >= WARMUP.get(what, 1 << 62) and main:
-            self.baseline = dict(t=self.now(), reason=f"{what} {n}")
-            self.take_census("first")
+        """Warm-up ends at the first repetition of the script's loop: growth is measured from here."""
+        if self.baseline is None and n >= WARMUP.get(what, 1 << 62):
+            rss, anon = read_memory()
+            self.baseline = dict(t=self.now(), reason=f"{what} {n}", rss_mb=rss, anon_mb=anon)
 
     def stop(self) -> None:
         self._stop.set()
@@ -319,6 +345,7 @@ def _patch_tensorflow(rec: _Recorder) -> None:
                     entry["calls"] += 1
                     rec.counts["calls"] += 1
                     rec.maybe_baseline("calls", entry["calls"])
+                    rec.census_if_due()
 
     function_class.__call__ = counted_call
 
@@ -386,6 +413,23 @@ def _patch_keras(rec: _Recorder) -> None:
                 rec.count("compiles")
 
     keras.Model.compile = compile
+
+    model_call = keras.Model.__call__
+    import tensorflow as tf  # Keras 3 on TensorFlow: imported with keras
+
+    @functools.wraps(model_call)
+    def call(self, *args, **kwargs):
+        if rec.api_depth or getattr(depth, "m", 0):  # inside fit/predict, or a model inside a model
+            return model_call(self, *args, **kwargs)
+        depth.m = 1
+        try:
+            return model_call(self, *args, **kwargs)
+        finally:
+            depth.m = 0
+            if tf.executing_eagerly():  # the script's own loop calling the model (inference, custom training)
+                rec.count("model_calls")
+
+    keras.Model.__call__ = call
 
     rnn_reset = keras.layers.RNN.reset_state
 
@@ -518,7 +562,7 @@ def child_main(argv: Sequence[str]) -> int:
         rec.event("end")  # the end reading comes before the last census, which allocates and collects
         first = rec.census.get("first")
         # Without growth since the first census there is nothing for a second one to explain.
-        if first is not None and rec.events[-1]["anon_mb"] - first["anon_mb"] > OBJECT_GROWTH_MB:
+        if first is not None and rec.events[-1]["anon_mb"] - first["anon_mb"] > LAST_CENSUS_AFTER_MB:
             rec.take_census("last")
         rec.write()
     return rec.exit_code

@@ -30,12 +30,10 @@ def diagnose(data: dict) -> dict:
     key = diagnosis["memory_key"]
     points = sorted(list(data["events"]) + list(data.get("samples", ())), key=lambda p: p["t"])
     values = [p[key] for p in points]
-    end = [e for e in data["events"] if e["kind"] == "end"]
-    first = data["census"].get("first")
     diagnosis.update(
         mem_start_mb=values[0] if values else None,
-        mem_baseline_mb=first[key] if first and key in first else (values[0] if values else None),
-        mem_end_mb=end[-1][key] if end else (values[-1] if values else None),
+        mem_baseline_mb=diagnosis["baseline_mb"],
+        mem_end_mb=diagnosis["end_mb"],
         mem_peak_mb=max(values) if values else None,
         censuses=len(data["census"]),
         traces={fn["name"]: len(fn["traces"]) for fn in data["functions"]},
@@ -94,6 +92,7 @@ _COUNTED = (
     ("batches", "*_on_batch call(s)"),
     ("gradients", "eager tape.gradient call(s)"),
     ("calls", "call(s) of the script's tf.functions"),
+    ("model_calls", "eager model call(s)"),
 )
 
 

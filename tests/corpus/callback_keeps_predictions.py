@@ -13,8 +13,9 @@ import keras
 import numpy as np
 
 rng = np.random.default_rng(0)
+keras.utils.set_random_seed(0)
 basis = rng.standard_normal((16, 784)).astype("float32")
-x_train = np.tanh(rng.standard_normal((1024, 16)).astype("float32") @ basis / 4)
+x_train = np.tanh(rng.standard_normal((512, 16)).astype("float32") @ basis / 4)
 x_val = np.tanh(rng.standard_normal((2000, 16)).astype("float32") @ basis / 4)
 
 
@@ -25,7 +26,7 @@ class KeepReconstructions(keras.callbacks.Callback):
         self.reconstructions = []  # one full validation reconstruction per epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        self.reconstructions.append(self.model.predict(self.x, batch_size=500, verbose=0))
+        self.reconstructions.append(self.model.predict(self.x, batch_size=1000, verbose=0))
 
 
 model = keras.Sequential(
@@ -39,7 +40,7 @@ model = keras.Sequential(
 )
 model.compile(optimizer="adam", loss="mse")
 keeper = KeepReconstructions(x_val)
-model.fit(x_train, x_train, batch_size=128, epochs=20, verbose=0, callbacks=[keeper])
+model.fit(x_train, x_train, batch_size=256, epochs=20, verbose=0, callbacks=[keeper])
 
 errors = [float(np.mean((r - x_val) ** 2)) for r in keeper.reconstructions]
 print(f"validation error {errors[0]:.4f} -> {errors[-1]:.4f} over {len(errors)} epochs")

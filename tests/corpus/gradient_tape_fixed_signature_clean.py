@@ -14,11 +14,17 @@ import numpy as np
 import tensorflow as tf
 
 rng = np.random.default_rng(0)
+keras.utils.set_random_seed(0)
 x_train = rng.standard_normal((1000, 32)).astype("float32")
 y_train = (x_train @ rng.standard_normal((32, 1)).astype("float32")).ravel()
 
 model = keras.Sequential(
-    [keras.Input((32,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)]
+    [
+        keras.Input((32,)),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(1),
+    ]
 )
 optimizer = keras.optimizers.Adam(1e-3)
 loss_fn = keras.losses.MeanSquaredError()
@@ -37,7 +43,7 @@ def train_step(x, y):
 
 batch_size = 64
 epoch_losses = []
-for epoch in range(25):
+for _epoch in range(25):
     order = rng.permutation(len(x_train))
     batch_losses = []
     for start in range(0, len(x_train), batch_size):  # the last batch has 1000 % 64 = 40 rows
@@ -45,4 +51,6 @@ for epoch in range(25):
         batch_losses.append(float(train_step(x_train[index], y_train[index])))
     epoch_losses.append(float(np.mean(batch_losses)))
 
-print(f"{len(epoch_losses)} epochs, {train_step.experimental_get_tracing_count()} trace(s), loss {epoch_losses[-1]:.4f}")
+print(
+    f"{len(epoch_losses)} epochs, {train_step.experimental_get_tracing_count()} trace(s), loss {epoch_losses[-1]:.4f}"
+)

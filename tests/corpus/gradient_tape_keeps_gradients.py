@@ -15,6 +15,7 @@ import tensorflow as tf  # TensorFlow first: the tf.keras path
 import numpy as np
 
 rng = np.random.default_rng(0)
+tf.keras.utils.set_random_seed(0)
 x_train = rng.standard_normal((2048, 128)).astype("float32")
 y_train = (x_train[:, :4].sum(axis=1) > 0).astype("int32")
 
@@ -32,7 +33,7 @@ loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 gradient_history = []  # every step's gradients, kept to plot their norms after training
 batch_size = 64
 steps_per_epoch = len(x_train) // batch_size
-for epoch in range(3):
+for _epoch in range(3):
     order = rng.permutation(len(x_train))
     for step in range(steps_per_epoch):
         index = order[step * batch_size : (step + 1) * batch_size]

@@ -17,11 +17,14 @@ import numpy as np
 
 VOCAB, DIM, LENGTH = 2048, 64, 24
 rng = np.random.default_rng(0)
+tf.keras.utils.set_random_seed(0)
 pretrained = rng.standard_normal((VOCAB, DIM)).astype("float32")  # frozen word vectors
 token_ids = rng.integers(0, VOCAB, size=(512, LENGTH)).astype("int32")
 labels = (pretrained[token_ids].mean(axis=1)[:, :4].sum(axis=1, keepdims=True) > 0).astype("float32")
 
-model = tf.keras.Sequential([tf.keras.Input((DIM,)), tf.keras.layers.Dense(64, activation="relu"), tf.keras.layers.Dense(1)])
+model = tf.keras.Sequential(
+    [tf.keras.Input((DIM,)), tf.keras.layers.Dense(64, activation="relu"), tf.keras.layers.Dense(1)]
+)
 
 
 @tf.function

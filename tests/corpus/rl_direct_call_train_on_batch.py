@@ -11,11 +11,13 @@ learns from a bounded replay buffer with predict_on_batch and train_on_batch, wh
 once. After the first training step nothing new is kept, so resident memory stays flat.
 """
 
+from tensorflow import keras
+
+# isort: split
 import sys
 from collections import deque
 
 import numpy as np
-from tensorflow import keras
 
 STATE_DIM, ACTIONS = 8, 4
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 ACCUMULATE = 4
 rng = np.random.default_rng(0)
+keras.utils.set_random_seed(0)
 x_train = rng.standard_normal((1024, 24)).astype("float32")
 y_train = (x_train[:, :3].sum(axis=1, keepdims=True) > 0).astype("float32")
 x_val = rng.standard_normal((256, 24)).astype("float32")
@@ -49,7 +50,7 @@ def run_step(x, y, training, micro_step):
 
 batch_size = 32
 history = []
-for epoch in range(30):
+for _epoch in range(30):
     order = rng.permutation(len(x_train))
     for step in range(len(x_train) // batch_size):
         index = order[step * batch_size : (step + 1) * batch_size]

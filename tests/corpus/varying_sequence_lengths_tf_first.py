@@ -17,6 +17,7 @@ import numpy as np
 
 VOCAB, DIM, MAX_LENGTH = 5000, 64, 2048
 rng = np.random.default_rng(0)
+tf.keras.utils.set_random_seed(0)
 
 # Sinusoidal position encodings, as in the Transformer tutorial, kept as a NumPy array.
 positions = np.arange(MAX_LENGTH)[:, None] / np.power(10000.0, np.arange(0, DIM, 2)[None, :] / DIM)
