@@ -545,7 +545,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                 cause="allocator_growth",
                 title="allocator growth with no live-object growth",
                 evidence=f"memory {run.growth:+.1f} MiB after warm-up{rate} while "
-                + (f"live objects grew {object_mb:+.1f} MiB" if first and last else "no Keras loop ran to count objects in")
+                + (f"live objects grew {object_mb:+.1f} MiB" if first and last else "no objects were counted")
                 + " and no traces, compiles, models or predict calls piled up: memory freed inside the process but "
                 "kept by the allocator, or held by native code",
                 fix=FIXES["allocator_growth"],
