@@ -118,7 +118,7 @@ def main(argv=None) -> None:
         default="examples/quickstart.py,examples/leaky/clean.py,examples/leaky/clean.py 60",
         help="clean scripts to time (with their arguments), comma-separated, relative to the repository",
     )
-    p.add_argument("--only", choices=("all", "leaky", "corpus"), default="all", help="which verdicts to run")
+    p.add_argument("--only", choices=("all", "leaky", "corpus", "none"), default="all", help="which verdicts to run")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     timing = [overhead(s, a.reps) for s in a.scripts.split(",")] if a.reps > 0 else []

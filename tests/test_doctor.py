@@ -290,3 +290,13 @@ def test_arrays_held_several_times_are_data_copies():
     assert diagnosis(warm(events, at=3.0))["causes"] == []
     events[1]["nbytes"], events[2]["rss_mb"], events[3]["rss_mb"] = 10 * mib, 1050, 1040
     assert diagnosis(warm(events, at=3.0))["causes"] == []
+
+
+def test_a_step_up_in_the_first_passes_then_flat_is_not_a_leak():
+    # New models each trial with clear_session(): memory steps up over the first trials, then stays flat.
+    levels = [215, 231, 234.7, 245.4, 245.4, 245.4, 245.4, 245.4, 245.4]
+    events = [dict(t=float(i), kind="model", model=f"m#{i}", rss_mb=m) for i, m in enumerate(levels)]
+    assert diagnosis(warm(events, at=1.0))["causes"] == []
+    # The same slope kept up to the end is a leak.
+    events = [dict(t=float(i), kind="model", model=f"m#{i}", rss_mb=215 + 4 * i) for i in range(9)]
+    assert [c["cause"] for c in diagnosis(warm(events, at=1.0))["causes"]] == ["models_in_loop"]

@@ -33,6 +33,7 @@ MAX_SAMPLES = 4000
 CENSUS_AFTER_MB = 4.0  # the first census is taken once memory grew this much after warm-up ...
 LAST_CENSUS_AFTER_MB = 2.0  # ... and the last one if memory grew again after it
 CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the script's thread
+NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long after the first model: census anyway
 # Warm-up ends (the baseline for all growth) at the first of these counts.
 WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
 
@@ -51,6 +52,8 @@ class _Recorder:
         self.census: dict[str, Any] = {}
         self.baseline: dict[str, Any] | None = None
         self.activity: dict[str, Any] | None = None  # the first model, trace, fit or predict
+        self.activity_t = 0.0
+        self.api_exit_t = 0.0  # when the last of Keras's fit/evaluate/predict/*_on_batch calls returned
         self.counts = dict.fromkeys(("models", "compiles", "fits", "epochs", "predicts", "batches", "gradients"), 0)
         self.counts.update(calls=0, model_calls=0)
         self.model_keys: dict[int, str] = {}
@@ -75,6 +78,7 @@ class _Recorder:
             self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))
         if self.activity is None and kind in ("model", "trace", "fit_begin", "predict"):
             self.activity = self.events[-1]
+            self.activity_t = self.activity["t"]
         self.census_if_due()
 
     def census_if_due(self) -> None:
@@ -93,12 +97,15 @@ class _Recorder:
             # The first census waits until memory grows after warm-up: a flat script never pays for one. The
             # script's thread takes it at its next event (a census here would race the script's own work);
             # a loop with no events gets it from here after CENSUS_WAIT_S.
-            # Before any loop is recognized, growth after the first model, trace, fit or predict counts too.
-            base = self.baseline or self.activity
+            # With no loop recognized long after the first model, trace, fit or predict, growth since then counts.
+            base, wait = self.baseline, CENSUS_WAIT_S
+            idle = self.api_depth == 0 and self.now() - max(self.activity_t, self.api_exit_t) > NO_LOOP_AFTER_S
+            if base is None and self.activity is not None and idle:
+                base, wait = self.activity, 0.0  # no event of the script's will come: take it from here now
             if base is not None and "first" not in self.census and anon - base["anon_mb"] > CENSUS_AFTER_MB:
                 if self.census_due is None:
                     self.census_due = time.perf_counter()
-                elif time.perf_counter() - self.census_due > CENSUS_WAIT_S:
+                if time.perf_counter() - self.census_due >= wait:
                     self.take_census("first")
 
     def model_key(self, model) -> str:
@@ -116,7 +123,15 @@ class _Recorder:
             gc.collect()
         t0, t = time.perf_counter(), self.now()
         rss, anon = read_memory()  # before: the objects counted are those alive at the start
-        stats = census()
+        # From the sampler thread, a census that gave the interpreter back every 5 ms would fight a script
+        # calling TensorFlow ops (each hands the GIL over): a minute instead of half a second. One go instead.
+        interval = sys.getswitchinterval()
+        if threading.current_thread() is not self.main:
+            sys.setswitchinterval(2.0)
+        try:
+            stats = census()
+        finally:
+            sys.setswitchinterval(interval)
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,
@@ -136,6 +151,14 @@ class _Recorder:
             rss, anon = read_memory()
             self.baseline = dict(t=self.now(), reason=f"{what} {n}", rss_mb=rss, anon_mb=anon)
 
+    def no_loop_baseline(self) -> dict | None:
+        """Without a loop recognized, growth counts from the first model, trace, fit or predict."""
+        if self.activity is None:
+            return None
+        a = self.activity
+        reason = f"the first {a['kind']}; no loop recognized"
+        return dict(t=a["t"], reason=reason, rss_mb=a["rss_mb"], anon_mb=a["anon_mb"])
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -148,7 +171,7 @@ class _Recorder:
                 stateful=self.stateful,
                 census=self.census,
                 counts=self.counts,
-                baseline=self.baseline,
+                baseline=self.baseline or self.no_loop_baseline(),
                 exit_code=self.exit_code,
                 error=self.error,
                 wall_s=time.perf_counter() - self.t0,
@@ -476,6 +499,7 @@ def _wrap_api(rec: _Recorder, cls, name: str, count: str | None = None) -> None:
             return method(self, *args, **kwargs)
         finally:
             rec.api_depth -= 1
+            rec.api_exit_t = rec.now()
             if count and rec.api_depth == 0:
                 rec.count(count)
 
@@ -502,6 +526,7 @@ def _wrap_fit(rec: _Recorder, cls, api: str) -> None:
             return fit(self, *args, **kwargs)
         finally:
             rec.api_depth -= 1
+            rec.api_exit_t = rec.now()
             if outer:
                 rec.event("fit_end", api=api)
 
@@ -519,6 +544,7 @@ def _wrap_predict(rec: _Recorder, cls, api: str) -> None:
             return predict(self, *args, **kwargs)
         finally:
             rec.api_depth -= 1
+            rec.api_exit_t = rec.now()
             rows = _rows(args[0] if args else kwargs.get("x"))
             rec.event("predict", api=api, count=rec.counts["predicts"] + 1, rows=rows, seconds=time.perf_counter() - t0)
             rec.count("predicts")

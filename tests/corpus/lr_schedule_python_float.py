@@ -5,8 +5,8 @@ Known answer: retracing
 
 A bag-of-embeddings text classifier (frozen pretrained vectors held as a NumPy array, looked up inside the step)
 is trained with a hand-written SGD step, and the learning rate is decayed every epoch and passed in as a Python
-float. A Python value is part of the trace key, so each of the 50 epochs traces and keeps a new concrete function,
-each with its own copy of the graph and of the constants it captured (the 1 MiB embedding table). Memory grows
+float. A Python value is part of the trace key, so each of the 40 epochs traces and keeps a new concrete function,
+each with its own copy of the graph and of the constants it captured (the 0.5 MiB embedding table). Memory grows
 by a few MiB per epoch for the whole run; passing tf.constant(lr) or using a tf.Variable traces once.
 """
 
