@@ -64,6 +64,7 @@ class _Recorder:
         self.exit_code = 0
         self.error: str | None = None
         self._stop = threading.Event()
+        self.own_mb = 0.0  # memory the first census left behind, taken off every later reading
         self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
         self.main = threading.current_thread()
         self.event("start")
@@ -72,8 +73,13 @@ class _Recorder:
     def now(self) -> float:
         return round(time.perf_counter() - self.t0, 4)
 
-    def event(self, kind: str, **detail) -> None:
+    def read(self) -> tuple[float, float]:
+        """(RSS, anonymous) memory in MiB, less what the doctor's own census left behind."""
         rss, anon = read_memory()
+        return rss - self.own_mb, anon - self.own_mb
+
+    def event(self, kind: str, **detail) -> None:
+        rss, anon = self.read()
         with self.lock:
             self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))
         if self.activity is None and kind in ("model", "trace", "fit_begin", "predict"):
@@ -88,7 +94,7 @@ class _Recorder:
     def _sample(self) -> None:
         every = SAMPLE_EVERY_S
         while not self._stop.wait(every):
-            rss, anon = read_memory()
+            rss, anon = self.read()
             with self.lock:
                 self.samples.append(dict(t=self.now(), rss_mb=round(rss, 2), anon_mb=round(anon, 2)))
                 if len(self.samples) >= MAX_SAMPLES:
@@ -122,7 +128,8 @@ class _Recorder:
         if when == "last":
             gc.collect()
         t0, t = time.perf_counter(), self.now()
-        rss, anon = read_memory()  # before: the objects counted are those alive at the start
+        raw_anon = read_memory()[1]
+        rss, anon = self.read()  # before: the objects counted are those alive at the start
         # From the sampler thread, a census that gave the interpreter back every 5 ms would fight a script
         # calling TensorFlow ops (each hands the GIL over): a minute instead of half a second. One go instead.
         interval = sys.getswitchinterval()
@@ -132,6 +139,9 @@ class _Recorder:
             stats = census()
         finally:
             sys.setswitchinterval(interval)
+        # What the census itself left (freed lists the allocator keeps) is the doctor's, not the script's.
+        if when == "first":
+            self.own_mb += max(0.0, read_memory()[1] - raw_anon)
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,
@@ -148,7 +158,7 @@ class _Recorder:
     def maybe_baseline(self, what: str, n: int) -> None:
         """Warm-up ends at the first repetition of the script's loop: growth is measured from here."""
         if self.baseline is None and n >= WARMUP.get(what, 1 << 62):
-            rss, anon = read_memory()
+            rss, anon = self.read()
             self.baseline = dict(t=self.now(), reason=f"{what} {n}", rss_mb=rss, anon_mb=anon)
 
     def no_loop_baseline(self) -> dict | None:
