@@ -60,9 +60,9 @@ MIN_COMPILES = 4  # compile() calls on one model
 COMPILE_SLOPE_MB = 1.0  # memory per compile, from the second on
 MIN_MODELS = 4  # models constructed
 MODEL_SLOPE_MB = 1.0  # memory per model built, from the second on
-MIN_PREDICTS = 20  # predict calls
+MIN_PREDICTS = 25  # predict calls (20 after the first 5: fewer give no slope above the noise)
 PREDICT_SLOPE_MB = 0.02  # memory per predict call after the first 5, not held by live objects
-PREDICT_GROWTH_MB = 1.0  # ... and in all over those calls
+PREDICT_GROWTH_MB = 2.0  # ... and in all over those calls
 DATA_MIN_MB = 64.0  # arrays handed to fit / tf.data at least this big ...
 DATA_WARMUP_MB = 64.0  # ... and anonymous memory grew by at least one more copy of them beyond this warm-up
 OBJECT_GROWTH_MB = 10.0  # live objects (by the bytes they hold) grown between the two censuses
@@ -467,7 +467,10 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
     # predict in a loop: growth per call that live objects do not hold.
     predicts = run.of("predict")
     if len(predicts) >= MIN_PREDICTS:
-        ms = [e[run.key] for e in predicts[5:]]  # the first calls trace and warm up
+        # Memory as each call began (`before_mb`, where recorded): the call's own result, alive when it
+        # returns, is not growth. The first calls trace and warm up.
+        before = all(e.get("before_mb") is not None for e in predicts) and run.key == "anon_mb"
+        ms = [e["before_mb"] if before else e[run.key] for e in predicts[5:]]
         held = data_mb if first and last else 0.0
         growth = ms[-1] - ms[0] - held
         per_call = _slope0(ms) - held / max(1, len(ms))

@@ -11,8 +11,10 @@ The script runs in a child process with instrumentation installed before its fir
   watches stateful layers; `compile`, `predict`, the `*_on_batch` calls, every model constructed, eager
   `tape.gradient` calls, calls of the script's own tf.functions and arrays handed to `fit` or
   `tf.data.Dataset.from_tensor_slices` are recorded too, and memory is read every 0.1 s between them;
-- a census of live objects (by the bytes they hold: arrays, tensors, variables) is taken when warm-up ends
-  (the first epoch, 2nd model or compile, 5th predict, batch, gradient or call) and once at the end.
+- warm-up ends at the first repetition of the script's loop (the first epoch, 2nd model or compile, 5th
+  predict, batch, eager gradient, eager model call or call of one of its tf.functions); a census of live
+  objects (by the bytes they hold: arrays, tensors, variables) is taken once memory grows after that, and
+  again at the end, so a flat script pays for none.
 
 Then the parent diagnoses (`safetrain.diagnostics.diagnose`, a pure function of the record, the same rules
 `LeakDetector` uses) and prints each cause found with its evidence and the safetrain change that fixes it;

@@ -58,6 +58,7 @@ class _Recorder:
         self.counts.update(calls=0, model_calls=0)
         self.model_keys: dict[int, str] = {}
         self.models_seen = 0
+        self.predict_depth = 0
         self.api_depth = 0  # inside Keras's fit/evaluate/predict/*_on_batch: their own steps are not the script's
         self.lock = threading.RLock()
         self.watch: type | None = None  # the fit callback class, set when keras is patched
@@ -548,15 +549,22 @@ def _wrap_predict(rec: _Recorder, cls, api: str) -> None:
 
     @functools.wraps(predict)
     def wrapped(self, *args, **kwargs):
+        if rec.predict_depth:  # a predict inside a predict (a routed Model.predict): the outer one reports
+            return predict(self, *args, **kwargs)
         t0 = time.perf_counter()
+        before = rec.read()[1]
         rec.api_depth += 1
+        rec.predict_depth += 1
         try:
             return predict(self, *args, **kwargs)
         finally:
             rec.api_depth -= 1
+            rec.predict_depth -= 1
             rec.api_exit_t = rec.now()
             rows = _rows(args[0] if args else kwargs.get("x"))
-            rec.event("predict", api=api, count=rec.counts["predicts"] + 1, rows=rows, seconds=time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            n = rec.counts["predicts"] + 1
+            rec.event("predict", api=api, count=n, rows=rows, seconds=seconds, before_mb=before)
             rec.count("predicts")
 
     cls.predict = wrapped
