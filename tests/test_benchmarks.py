@@ -68,3 +68,10 @@ def test_data_memory_benchmark_runs_and_writes_its_table(tmp_path):
     assert {r["path"] for r in rows if r["runner"] == "safetrain"} == {"stream"}
     assert "| 0.02 GiB | memmap | safetrain |" in result.stdout
     assert list(tmp_path.iterdir()) == [out]  # its memory-mapped files are removed
+
+
+def test_doctor_benchmark_runs_and_prints_its_tables():
+    # --reps 0 --only none: no script run (the corpus test runs the verdicts); the tables and arguments work.
+    result = run_benchmark("doctor.py", "--reps", "0", "--only", "none")
+    assert "| script | known answer | doctor's verdict | correct |" in result.stdout
+    assert "0 of 0 correct" in result.stdout

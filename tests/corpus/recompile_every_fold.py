@@ -3,7 +3,7 @@
 Report: https://github.com/keras-team/keras/issues/9151
 Known answer: recompiling
 
-One network is built once; before each of 20 folds the script calls model.compile() again (a fresh SGD
+One network is built once; before each of 12 folds the script calls model.compile() again (a fresh SGD
 optimizer with a decayed learning rate) and fits one epoch on that fold's window of the data. Each compile
 throws away the traced train function, so every fit traces a new one, and the old traces stay registered with
 TensorFlow together with the optimizer slots they captured: resident memory grows by several MiB per fold.
@@ -21,7 +21,7 @@ model = keras.Sequential(
     [keras.Input((512,)), keras.layers.Dense(2048, activation="relu"), keras.layers.Dense(1, activation="sigmoid")]
 )
 
-folds, window = 20, 192
+folds, window = 12, 192
 losses = []
 for fold in range(folds):
     start = fold * (len(x) - window) // (folds - 1)
