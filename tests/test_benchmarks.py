@@ -75,3 +75,13 @@ def test_doctor_benchmark_runs_and_prints_its_tables():
     result = run_benchmark("doctor.py", "--reps", "0", "--only", "none")
     assert "| script | known answer | doctor's verdict | correct |" in result.stdout
     assert "0 of 0 correct" in result.stdout
+
+
+def test_short_fits_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "s.json"
+    result = run_benchmark(
+        "short_fits.py", "--steps", "1", "--reps", "1", "--warmup", "0", "--models", "3", "--json", str(out)
+    )
+    assert "| 1 |" in result.stdout and "MiB per model" in result.stdout
+    (row,) = json.loads(out.read_text())
+    assert set(row["median"]["fresh"]) == {"fit", "safe"} and len(row["memory"]["safe"]["series"]) == 3
