@@ -32,16 +32,16 @@ Example:
 from __future__ import annotations
 
 # `census`, `child_main` and the thresholds stay public outside `__all__`, as before the split (`X as X`:
-# an explicit re-export). The rules and thresholds are `safetrain.diagnostics`'s, shared with LeakDetector.
-from safetrain.diagnostics import EPOCH_SLOPE_MB as EPOCH_SLOPE_MB
-from safetrain.diagnostics import MIN_MODELS as MIN_MODELS
-from safetrain.diagnostics import MIN_PREDICTS as MIN_PREDICTS
-from safetrain.diagnostics import MIN_RETRACES as MIN_RETRACES
-from safetrain.diagnostics import MODEL_SLOPE_MB as MODEL_SLOPE_MB
-from safetrain.diagnostics import OBJECT_GROWTH_MB as OBJECT_GROWTH_MB
-from safetrain.diagnostics import PREDICT_GROWTH_MB as PREDICT_GROWTH_MB
-from safetrain.diagnostics import PREDICT_SLOPE_MB as PREDICT_SLOPE_MB
-from safetrain.diagnostics import UNEXPLAINED_GROWTH_MB as UNEXPLAINED_GROWTH_MB
+# an explicit re-export). The rules and thresholds are `safetrain.diagnostics.rules`'s, shared with LeakDetector.
+from safetrain.diagnostics.rules import EPOCH_SLOPE_MB as EPOCH_SLOPE_MB
+from safetrain.diagnostics.rules import MIN_MODELS as MIN_MODELS
+from safetrain.diagnostics.rules import MIN_PREDICTS as MIN_PREDICTS
+from safetrain.diagnostics.rules import MIN_RETRACES as MIN_RETRACES
+from safetrain.diagnostics.rules import MODEL_SLOPE_MB as MODEL_SLOPE_MB
+from safetrain.diagnostics.rules import OBJECT_GROWTH_MB as OBJECT_GROWTH_MB
+from safetrain.diagnostics.rules import PREDICT_GROWTH_MB as PREDICT_GROWTH_MB
+from safetrain.diagnostics.rules import PREDICT_SLOPE_MB as PREDICT_SLOPE_MB
+from safetrain.diagnostics.rules import UNEXPLAINED_GROWTH_MB as UNEXPLAINED_GROWTH_MB
 from safetrain.doctor.instrument import census as census
 from safetrain.doctor.instrument import child_main as child_main
 from safetrain.doctor.report import CAUSES, WARNINGS, diagnose, format_report, main, run

@@ -1,194 +1,30 @@
-"""The doctor's child side: the recorder, the import hooks that patch TensorFlow, Keras and SafeTrainer whatever
+"""The doctor's child side: the import hooks that patch TensorFlow, Keras and SafeTrainer whatever
 order the script imports them in, and `child_main`, which runs the script under all of them.
 
     python -m safetrain.doctor --child record.json train.py --epochs 5   # what `doctor.run` starts
 
-What it records is a `safetrain.diagnostics` record: events (models built, compiles, traces with their
-signatures, epochs, predict calls, arrays handed to `fit` or `tf.data`), memory read every 0.1 s between
-them, and an object census once memory grows after warm-up and again at the end.
+What its `Recorder` (recorder.py) writes is a `safetrain.diagnostics` record: events (models built,
+compiles, traces with their signatures, epochs, predict calls, arrays handed to `fit` or `tf.data`), memory
+read every 0.1 s between them, and an object census once memory grows after warm-up and again at the end.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
 import importlib.abc
 import inspect
-import json
 import os
 import sys
 import threading
 import time
 import types
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from safetrain.diagnostics import census, read_memory
+from safetrain.diagnostics import census
+from safetrain.doctor.recorder import Recorder
 
 __all__ = ["census", "child_main"]
-
-SAMPLE_EVERY_S = 0.1  # memory between events; doubled whenever the series reaches MAX_SAMPLES
-MAX_SAMPLES = 4000
-CENSUS_AFTER_MB = 4.0  # the first census is taken once memory grew this much after warm-up ...
-LAST_CENSUS_AFTER_MB = 2.0  # ... and the last one if memory grew again after it
-CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the script's thread
-NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long after the first model: census anyway
-# Warm-up ends (the baseline for all growth) at the first of these counts.
-WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
-
-
-class _Recorder:
-    """Everything the child records; written as JSON when the script ends (however it ends)."""
-
-    def __init__(self, out_path: str) -> None:
-        self.out_path = out_path
-        self.t0 = time.perf_counter()
-        self.events: list[dict] = []
-        self.samples: list[dict] = []
-        self.functions: list[dict] = []
-        self.stateful: dict[str, dict] = {}
-        self.resets: dict[int, int] = {}
-        self.census: dict[str, Any] = {}
-        self.baseline: dict[str, Any] | None = None
-        self.activity: dict[str, Any] | None = None  # the first model, trace, fit or predict
-        self.activity_t = 0.0
-        self.api_exit_t = 0.0  # when the last of Keras's fit/evaluate/predict/*_on_batch calls returned
-        self.counts = dict.fromkeys(("models", "compiles", "fits", "epochs", "predicts", "batches", "gradients"), 0)
-        self.counts.update(calls=0, model_calls=0)
-        self.model_keys: dict[int, str] = {}
-        self.models_seen = 0
-        self.predict_depth = 0
-        self.api_depth = 0  # inside Keras's fit/evaluate/predict/*_on_batch: their own steps are not the script's
-        self.lock = threading.RLock()
-        self.watch: type | None = None  # the fit callback class, set when keras is patched
-        self.exit_code = 0
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self.own_mb = 0.0  # memory the first census left behind, taken off every later reading
-        self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
-        self.main = threading.current_thread()
-        self.event("start")
-        threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
-
-    def now(self) -> float:
-        return round(time.perf_counter() - self.t0, 4)
-
-    def read(self) -> tuple[float, float]:
-        """(RSS, anonymous) memory in MiB, less what the doctor's own census left behind."""
-        rss, anon = read_memory()
-        return rss - self.own_mb, anon - self.own_mb
-
-    def event(self, kind: str, **detail) -> None:
-        rss, anon = self.read()
-        with self.lock:
-            self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))
-        if self.activity is None and kind in ("model", "trace", "fit_begin", "predict"):
-            self.activity = self.events[-1]
-            self.activity_t = self.activity["t"]
-        self.census_if_due()
-
-    def census_if_due(self) -> None:
-        if self.census_due is not None and "first" not in self.census and threading.current_thread() is self.main:
-            self.take_census("first")
-
-    def _sample(self) -> None:
-        every = SAMPLE_EVERY_S
-        while not self._stop.wait(every):
-            rss, anon = self.read()
-            with self.lock:
-                self.samples.append(dict(t=self.now(), rss_mb=round(rss, 2), anon_mb=round(anon, 2)))
-                if len(self.samples) >= MAX_SAMPLES:
-                    del self.samples[::2]
-                    every *= 2
-            # The first census waits until memory grows after warm-up: a flat script never pays for one. The
-            # script's thread takes it at its next event (a census here would race the script's own work);
-            # a loop with no events gets it from here after CENSUS_WAIT_S.
-            # With no loop recognized long after the first model, trace, fit or predict, growth since then counts.
-            base, wait = self.baseline, CENSUS_WAIT_S
-            idle = self.api_depth == 0 and self.now() - max(self.activity_t, self.api_exit_t) > NO_LOOP_AFTER_S
-            if base is None and self.activity is not None and idle:
-                base, wait = self.activity, 0.0  # no event of the script's will come: take it from here now
-            if base is not None and "first" not in self.census and anon - base["anon_mb"] > CENSUS_AFTER_MB:
-                if self.census_due is None:
-                    self.census_due = time.perf_counter()
-                if time.perf_counter() - self.census_due >= wait:
-                    self.take_census("first")
-
-    def model_key(self, model) -> str:
-        key = self.model_keys.get(id(model))
-        if key is None:
-            self.models_seen += 1  # a new number for every model: names repeat after clear_session(), ids are reused
-            key = self.model_keys[id(model)] = f"{getattr(model, 'name', type(model).__name__)}#{self.models_seen}"
-            weakref.finalize(model, self.model_keys.pop, id(model), None)
-        return key
-
-    def take_census(self, when: str) -> None:
-        # A full collection (0.2-0.3 s with TensorFlow loaded) only for the last census, where garbage
-        # would read as growth; left in the first, it only makes the growth look smaller.
-        if when == "last":
-            gc.collect()
-        t0, t = time.perf_counter(), self.now()
-        raw_anon = read_memory()[1]
-        rss, anon = self.read()  # before: the objects counted are those alive at the start
-        # From the sampler thread, a census that gave the interpreter back every 5 ms would fight a script
-        # calling TensorFlow ops (each hands the GIL over): a minute instead of half a second. One go instead.
-        interval = sys.getswitchinterval()
-        if threading.current_thread() is not self.main:
-            sys.setswitchinterval(2.0)
-        try:
-            stats = census()
-        finally:
-            sys.setswitchinterval(interval)
-        # What the census itself left (freed lists the allocator keeps) is the doctor's, not the script's.
-        if when == "first":
-            self.own_mb += max(0.0, read_memory()[1] - raw_anon)
-        self.census[when] = dict(
-            stats={k: list(v) for k, v in stats.items()},
-            seconds=time.perf_counter() - t0,
-            t=t,
-            rss_mb=rss,
-            anon_mb=anon,
-        )
-
-    def count(self, what: str, n: int = 1) -> None:
-        self.counts[what] += n
-        self.maybe_baseline(what, self.counts[what])
-        self.census_if_due()
-
-    def maybe_baseline(self, what: str, n: int) -> None:
-        """Warm-up ends at the first repetition of the script's loop: growth is measured from here."""
-        if self.baseline is None and n >= WARMUP.get(what, 1 << 62):
-            rss, anon = self.read()
-            self.baseline = dict(t=self.now(), reason=f"{what} {n}", rss_mb=rss, anon_mb=anon)
-
-    def no_loop_baseline(self) -> dict | None:
-        """Without a loop recognized, growth counts from the first model, trace, fit or predict."""
-        if self.activity is None:
-            return None
-        a = self.activity
-        reason = f"the first {a['kind']}; no loop recognized"
-        return dict(t=a["t"], reason=reason, rss_mb=a["rss_mb"], anon_mb=a["anon_mb"])
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def write(self) -> None:
-        with self.lock:
-            data = dict(
-                events=self.events,
-                samples=self.samples,
-                functions=self.functions,
-                stateful=self.stateful,
-                census=self.census,
-                counts=self.counts,
-                baseline=self.baseline or self.no_loop_baseline(),
-                exit_code=self.exit_code,
-                error=self.error,
-                wall_s=time.perf_counter() - self.t0,
-            )
-            with open(self.out_path, "w") as f:
-                json.dump(data, f)
 
 
 def _describe(value) -> str:
@@ -299,7 +135,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _install(rec: _Recorder) -> None:
+def _install(rec: Recorder) -> None:
     """Patch TensorFlow, Keras and SafeTrainer as each is imported, so that their calls report to `rec`."""
     done: set[str] = set()
 
@@ -322,7 +158,7 @@ def _install(rec: _Recorder) -> None:
             sys.meta_path.insert(0, _AfterImport(name, once(name, patch)))
 
 
-def _patch_tensorflow(rec: _Recorder) -> None:
+def _patch_tensorflow(rec: Recorder) -> None:
     import tensorflow as tf
 
     original_function = tf.function
@@ -399,7 +235,7 @@ def _patch_tensorflow(rec: _Recorder) -> None:
         _wrap_data_source(rec, tf.data.Dataset, source)
 
 
-def _wrap_data_source(rec: _Recorder, cls, name: str) -> None:
+def _wrap_data_source(rec: Recorder, cls, name: str) -> None:
     make = getattr(cls, name)
 
     @functools.wraps(make)
@@ -412,7 +248,7 @@ def _wrap_data_source(rec: _Recorder, cls, name: str) -> None:
     setattr(cls, name, staticmethod(wrapped))
 
 
-def _patch_keras(rec: _Recorder) -> None:
+def _patch_keras(rec: Recorder) -> None:
     import keras
 
     from safetrain import _compat  # imported here: the doctor's child imports TensorFlow only when the script does
@@ -500,24 +336,21 @@ def _patch_keras(rec: _Recorder) -> None:
         _wrap_api(rec, keras.Model, name, count="batches")
 
 
-def _wrap_api(rec: _Recorder, cls, name: str, count: str | None = None) -> None:
+def _wrap_api(rec: Recorder, cls, name: str, count: str | None = None) -> None:
     method = getattr(cls, name)
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
-        rec.api_depth += 1
         try:
-            return method(self, *args, **kwargs)
+            return rec.call_api(method, self, *args, **kwargs)
         finally:
-            rec.api_depth -= 1
-            rec.api_exit_t = rec.now()
             if count and rec.api_depth == 0:
                 rec.count(count)
 
     setattr(cls, name, wrapped)
 
 
-def _wrap_fit(rec: _Recorder, cls, api: str) -> None:
+def _wrap_fit(rec: Recorder, cls, api: str) -> None:
     fit = cls.fit
 
     @functools.wraps(fit)
@@ -532,19 +365,16 @@ def _wrap_fit(rec: _Recorder, cls, api: str) -> None:
             rec.event("fit_begin", api=api)
             if nbytes:
                 rec.event("data", source=api, nbytes=nbytes)
-        rec.api_depth += 1
         try:
-            return fit(self, *args, **kwargs)
+            return rec.call_api(fit, self, *args, **kwargs)
         finally:
-            rec.api_depth -= 1
-            rec.api_exit_t = rec.now()
             if outer:
                 rec.event("fit_end", api=api)
 
     cls.fit = wrapped
 
 
-def _wrap_predict(rec: _Recorder, cls, api: str) -> None:
+def _wrap_predict(rec: Recorder, cls, api: str) -> None:
     predict = cls.predict
 
     @functools.wraps(predict)
@@ -553,14 +383,11 @@ def _wrap_predict(rec: _Recorder, cls, api: str) -> None:
             return predict(self, *args, **kwargs)
         t0 = time.perf_counter()
         before = rec.read()[1]
-        rec.api_depth += 1
         rec.predict_depth += 1
         try:
-            return predict(self, *args, **kwargs)
+            return rec.call_api(predict, self, *args, **kwargs)
         finally:
-            rec.api_depth -= 1
             rec.predict_depth -= 1
-            rec.api_exit_t = rec.now()
             rows = _rows(args[0] if args else kwargs.get("x"))
             seconds = time.perf_counter() - t0
             n = rec.counts["predicts"] + 1
@@ -570,7 +397,7 @@ def _wrap_predict(rec: _Recorder, cls, api: str) -> None:
     cls.predict = wrapped
 
 
-def _patch_safetrain(rec: _Recorder) -> None:
+def _patch_safetrain(rec: Recorder) -> None:
     from safetrain.trainer import SafeTrainer
 
     _wrap_fit(rec, SafeTrainer, "SafeTrainer.fit")
@@ -581,7 +408,7 @@ def _patch_safetrain(rec: _Recorder) -> None:
 def child_main(argv: Sequence[str]) -> int:
     """In the child: `OUT script [args...]`: install the instrumentation, run the script, write OUT."""
     out_path, script, *script_args = argv
-    rec = _Recorder(out_path)
+    rec = Recorder(out_path)
     _install(rec)
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
@@ -602,11 +429,5 @@ def child_main(argv: Sequence[str]) -> int:
         rec.error = "".join(traceback.format_exception_only(type(e), e)).strip()
         traceback.print_exc()
     finally:
-        rec.stop()
-        rec.event("end")  # the end reading comes before the last census, which allocates and collects
-        first = rec.census.get("first")
-        # Without growth since the first census there is nothing for a second one to explain.
-        if first is not None and rec.events[-1]["anon_mb"] - first["anon_mb"] > LAST_CENSUS_AFTER_MB:
-            rec.take_census("last")
-        rec.write()
+        rec.finish()
     return rec.exit_code

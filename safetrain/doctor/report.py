@@ -27,14 +27,11 @@ def diagnose(data: dict) -> dict:
     """Causes and warnings found in a recorded run (what `instrument.child_main` wrote), with the readings the
     report prints: memory at the start, after warm-up (the baseline), at the end and at its peak."""
     diagnosis = diagnose_record(data)
-    key = diagnosis["memory_key"]
-    points = sorted(list(data["events"]) + list(data.get("samples", ())), key=lambda p: p["t"])
-    values = [p[key] for p in points]
     diagnosis.update(
-        mem_start_mb=values[0] if values else None,
+        mem_start_mb=diagnosis["start_mb"],
         mem_baseline_mb=diagnosis["baseline_mb"],
         mem_end_mb=diagnosis["end_mb"],
-        mem_peak_mb=max(values) if values else None,
+        mem_peak_mb=diagnosis["peak_mb"],
         censuses=len(data["census"]),
         traces={fn["name"]: len(fn["traces"]) for fn in data["functions"]},
         counts=data["counts"],

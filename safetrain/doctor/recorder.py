@@ -1,0 +1,200 @@
+"""The doctor's recorder (child side): the events, memory samples, traces and censuses of one script's run.
+
+>>> rec = Recorder("record.json"); rec.event("model", model="m#1"); rec.stop(); rec.write()
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+from safetrain.diagnostics import census, read_memory
+
+__all__ = ["Recorder", "WARMUP"]
+
+SAMPLE_EVERY_S = 0.1  # memory between events; doubled whenever the series reaches MAX_SAMPLES
+MAX_SAMPLES = 4000
+CENSUS_AFTER_MB = 4.0  # the first census is taken once memory grew this much after warm-up ...
+LAST_CENSUS_AFTER_MB = 2.0  # ... and the last one if memory grew again after it
+CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the script's thread
+NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long after the first model: census anyway
+# Warm-up ends (the baseline for all growth) at the first of these counts.
+WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
+
+
+class Recorder:
+    """Everything the child records; written as JSON when the script ends (however it ends)."""
+
+    def __init__(self, out_path: str) -> None:
+        self.out_path = out_path
+        self.t0 = time.perf_counter()
+        self.events: list[dict] = []
+        self.samples: list[dict] = []
+        self.functions: list[dict] = []
+        self.stateful: dict[str, dict] = {}
+        self.resets: dict[int, int] = {}
+        self.census: dict[str, Any] = {}
+        self.baseline: dict[str, Any] | None = None
+        self.activity: dict[str, Any] | None = None  # the first model, trace, fit or predict
+        self.activity_t = 0.0
+        self.api_exit_t = 0.0  # when the last of Keras's fit/evaluate/predict/*_on_batch calls returned
+        self.counts = dict.fromkeys(("models", "compiles", "fits", "epochs", "predicts", "batches", "gradients"), 0)
+        self.counts.update(calls=0, model_calls=0)
+        self.model_keys: dict[int, str] = {}
+        self.models_seen = 0
+        self.predict_depth = 0
+        self.api_depth = 0  # inside Keras's fit/evaluate/predict/*_on_batch: their own steps are not the script's
+        self.lock = threading.RLock()
+        self.watch: type | None = None  # the fit callback class, set when keras is patched
+        self.exit_code = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self.own_mb = 0.0  # memory the first census left behind, taken off every later reading
+        self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
+        self.main = threading.current_thread()
+        self.event("start")
+        threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
+
+    def now(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+    def read(self) -> tuple[float, float]:
+        """(RSS, anonymous) memory in MiB, less what the doctor's own census left behind."""
+        rss, anon = read_memory()
+        return rss - self.own_mb, anon - self.own_mb
+
+    def event(self, kind: str, **detail) -> None:
+        rss, anon = self.read()
+        with self.lock:
+            self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))
+        if self.activity is None and kind in ("model", "trace", "fit_begin", "predict"):
+            self.activity = self.events[-1]
+            self.activity_t = self.activity["t"]
+        self.census_if_due()
+
+    def census_if_due(self) -> None:
+        if self.census_due is not None and "first" not in self.census and threading.current_thread() is self.main:
+            self.take_census("first")
+
+    def _sample(self) -> None:
+        every = SAMPLE_EVERY_S
+        while not self._stop.wait(every):
+            rss, anon = self.read()
+            with self.lock:
+                self.samples.append(dict(t=self.now(), rss_mb=round(rss, 2), anon_mb=round(anon, 2)))
+                if len(self.samples) >= MAX_SAMPLES:
+                    del self.samples[::2]
+                    every *= 2
+            # The first census waits until memory grows after warm-up: a flat script never pays for one. The
+            # script's thread takes it at its next event (a census here would race the script's own work);
+            # a loop with no events gets it from here after CENSUS_WAIT_S.
+            # With no loop recognized long after the first model, trace, fit or predict, growth since then counts.
+            base, wait = self.baseline, CENSUS_WAIT_S
+            idle = self.api_depth == 0 and self.now() - max(self.activity_t, self.api_exit_t) > NO_LOOP_AFTER_S
+            if base is None and self.activity is not None and idle:
+                base, wait = self.activity, 0.0  # no event of the script's will come: take it from here now
+            if base is not None and "first" not in self.census and anon - base["anon_mb"] > CENSUS_AFTER_MB:
+                if self.census_due is None:
+                    self.census_due = time.perf_counter()
+                if time.perf_counter() - self.census_due >= wait:
+                    self.take_census("first")
+
+    def call_api(self, method, *args, **kwargs):
+        """Run one of Keras's loops (fit, evaluate, predict, *_on_batch): the steps, calls and gradients inside it
+        are Keras's, not the script's loop."""
+        self.api_depth += 1
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.api_depth -= 1
+            self.api_exit_t = self.now()
+
+    def model_key(self, model) -> str:
+        key = self.model_keys.get(id(model))
+        if key is None:
+            self.models_seen += 1  # a new number for every model: names repeat after clear_session(), ids are reused
+            key = self.model_keys[id(model)] = f"{getattr(model, 'name', type(model).__name__)}#{self.models_seen}"
+            weakref.finalize(model, self.model_keys.pop, id(model), None)
+        return key
+
+    def take_census(self, when: str) -> None:
+        # A full collection (0.2-0.3 s with TensorFlow loaded) only for the last census, where garbage
+        # would read as growth; left in the first, it only makes the growth look smaller.
+        if when == "last":
+            gc.collect()
+        t0, t = time.perf_counter(), self.now()
+        raw_anon = read_memory()[1]
+        rss, anon = self.read()  # before: the objects counted are those alive at the start
+        # From the sampler thread, a census that gave the interpreter back every 5 ms would fight a script
+        # calling TensorFlow ops (each hands the GIL over): a minute instead of half a second. One go instead.
+        interval = sys.getswitchinterval()
+        if threading.current_thread() is not self.main:
+            sys.setswitchinterval(2.0)
+        try:
+            stats = census()
+        finally:
+            sys.setswitchinterval(interval)
+        # What the census itself left (freed lists the allocator keeps) is the doctor's, not the script's.
+        if when == "first":
+            self.own_mb += max(0.0, read_memory()[1] - raw_anon)
+        self.census[when] = dict(
+            stats={k: list(v) for k, v in stats.items()},
+            seconds=time.perf_counter() - t0,
+            t=t,
+            rss_mb=rss,
+            anon_mb=anon,
+        )
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] += n
+        self.maybe_baseline(what, self.counts[what])
+        self.census_if_due()
+
+    def maybe_baseline(self, what: str, n: int) -> None:
+        """Warm-up ends at the first repetition of the script's loop: growth is measured from here."""
+        if self.baseline is None and n >= WARMUP.get(what, 1 << 62):
+            rss, anon = self.read()
+            self.baseline = dict(t=self.now(), reason=f"{what} {n}", rss_mb=rss, anon_mb=anon)
+
+    def no_loop_baseline(self) -> dict | None:
+        """Without a loop recognized, growth counts from the first model, trace, fit or predict."""
+        if self.activity is None:
+            return None
+        a = self.activity
+        reason = f"the first {a['kind']}; no loop recognized"
+        return dict(t=a["t"], reason=reason, rss_mb=a["rss_mb"], anon_mb=a["anon_mb"])
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def finish(self) -> None:
+        """The script ended (however it ended): the end reading, the last census if memory grew again, the file."""
+        self.stop()
+        self.event("end")  # the end reading comes before the last census, which allocates and collects
+        first = self.census.get("first")
+        # Without growth since the first census there is nothing for a second one to explain.
+        if first is not None and self.events[-1]["anon_mb"] - first["anon_mb"] > LAST_CENSUS_AFTER_MB:
+            self.take_census("last")
+        self.write()
+
+    def write(self) -> None:
+        with self.lock:
+            data = dict(
+                events=self.events,
+                samples=self.samples,
+                functions=self.functions,
+                stateful=self.stateful,
+                census=self.census,
+                counts=self.counts,
+                baseline=self.baseline or self.no_loop_baseline(),
+                exit_code=self.exit_code,
+                error=self.error,
+                wall_s=time.perf_counter() - self.t0,
+            )
+            with open(self.out_path, "w") as f:
+                json.dump(data, f)
