@@ -148,6 +148,7 @@ class Batches:
         #: For arrays read batch by batch from the user's own arrays (`streaming.ArrayReader`), else None.
         self.reader = reader
         self._data = None
+        self._pipeline: tf.data.Dataset | None = None  # the pipeline of a fixed order, built once
 
     @property
     def path(self) -> str:
@@ -169,14 +170,25 @@ class Batches:
 
     def dataset(self, epoch: int = 0) -> tf.data.Dataset:
         """The batches of epoch `epoch` (for arrays, shuffled by `(seed, epoch)`)."""
+        if self.reader is None and self._arrays is None:
+            return self._dataset
+        # Arrays: a pipeline per order. Epochs in one fixed order (unshuffled, as every validation pass is, or
+        # Keras's order under a global seed) share one: building it is most of what a short pass costs. A
+        # shuffled epoch's pipeline is not kept (its order, 8 bytes a sample, is in it).
+        fixed = not self.shuffle or self.keras_order
+        if fixed and self._pipeline is not None:
+            return self._pipeline
         if self.reader is not None:
             assert self.batch_size is not None
             if self.shuffle is True:
                 self.reader.expect_random_reads()
-            return _with_array_options(self.reader.dataset(self.order(epoch), self.batch_size))
-        if self._arrays is not None:
-            return self._array_dataset(epoch)
-        return self._dataset
+            order = self.order(epoch) if self.shuffle else None  # None: in turn, read by slices
+            ds = _with_array_options(self.reader.dataset(order, self.batch_size))
+        else:
+            ds = self._array_dataset(epoch)
+        if fixed:
+            self._pipeline = ds
+        return ds
 
     def single_batch(self):
         """For arrays that make one unshuffled batch: that batch, as tensors (a pass over it needs no

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from safetrain import _compat
 
-__all__ = ["function", "make_loop", "make_predict_loop", "make_distributed_loop", "ChunkSizer"]
+__all__ = ["function", "make_loop", "make_predict_loop", "make_distributed_loop", "ChunkSizer", "all_finite"]
 
 
 def function(fn, **kwargs):
@@ -43,7 +43,7 @@ def _output_specs(concrete):
     return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), concrete.structured_outputs)
 
 
-def _all_finite(outputs):
+def all_finite(outputs):
     checks = [
         tf.reduce_all(tf.math.is_finite(o))
         for o in tf.nest.flatten(outputs)
@@ -73,7 +73,7 @@ def make_loop(step, spec, watch_nonfinite: bool = False, on_trace: Callable[[], 
 
             def run():
                 new = step(nxt.get_value())
-                return i + 1, tf.logical_not(_all_finite(new)) if watch_nonfinite else tf.constant(False), new
+                return i + 1, tf.logical_not(all_finite(new)) if watch_nonfinite else tf.constant(False), new
 
             return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), outputs))
 

@@ -285,7 +285,7 @@ class Loop:
             if data.batch is not None:  # one small batch: the step on it directly, no tf.data iterator
                 ran, outputs = 1, step.run_step(data.batch, data.element_spec)
             else:
-                ran, outputs = step.run(data.iterator, n, data.element_spec, exact=remaining is not None)
+                ran, outputs = step.run(data.iterator, n, data.element_spec, remaining=remaining)
         except tf.errors.ResourceExhaustedError as error:
             if before is None or not trainer.oom_recovery:
                 raise

@@ -10,7 +10,6 @@ written for a `keras.Model` moves over unchanged; and so do the actions policies
 
 from __future__ import annotations
 
-import gc
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ import keras
 import tensorflow as tf
 from keras.callbacks import CallbackList
 
-from safetrain import _compat, distributed, memory
+from safetrain import _compat, distributed, memory, reclaim
 from safetrain import data as data_module
 from safetrain.actions import TrainerActions
 from safetrain.checks import check_data, check_fit_arguments, check_int, reject_unknown, resolve_verbose
@@ -34,26 +33,6 @@ from safetrain.steps import Steps
 from safetrain.surface import StepSurface
 
 __all__ = ["SafeTrainer"]
-
-
-_TRAINERS_STARTED = 0
-
-
-def _release_previous_models() -> None:
-    """Free what models trained earlier in this process left behind, when a new trainer starts.
-
-    Two things outlive a model trained in a loop (k-fold, hyperparameter search), measured per small model:
-    - the model itself, for a while: Keras models are reference cycles, and with TensorFlow's ~300k
-      long-lived objects Python's full collection runs rarely (7.8 MiB per fold in examples/kfold_loop.py
-      without it). A full `gc.collect()` costs about 0.13 s, once per trainer after the first;
-    - TensorFlow's eager kernel cache entries (about 0.7 MiB): they are keyed on op attributes that include
-      each model's unique variable names. `clear_session` clears that cache too; it is only a cache.
-    """
-    global _TRAINERS_STARTED
-    _TRAINERS_STARTED += 1
-    if _TRAINERS_STARTED > 1:
-        gc.collect()
-    _compat.clear_kernel_cache()
 
 
 def _limit_epochs(epochs: int) -> int:
@@ -170,7 +149,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
             raise TypeError(f"`strategy` must be a tf.distribute.Strategy or None, got {type(strategy).__name__}.")
         self.policies = PolicyList(policies)
-        _release_previous_models()
+        reclaim.on_new_trainer(self)
         self.factory: Callable[[], keras.Model] | None = None
         built: Any
         if _compat.is_trainer_model(model):

@@ -80,8 +80,21 @@ def test_doctor_benchmark_runs_and_prints_its_tables():
 def test_short_fits_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "s.json"
     result = run_benchmark(
-        "short_fits.py", "--steps", "1", "--reps", "1", "--warmup", "0", "--models", "3", "--json", str(out)
+        "short_fits.py",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+        "--block",
+        "2",
+        "--warmup",
+        "0",
+        "--models",
+        "3",
+        "--json",
+        str(out),
     )
     assert "| 1 |" in result.stdout and "MiB per model" in result.stdout
     (row,) = json.loads(out.read_text())
     assert set(row["median"]["fresh"]) == {"fit", "safe"} and len(row["memory"]["safe"]["series"]) == 3
+    assert len(row["fresh"]["safe"]) == 2 and row["collections"]["trainers"] == 2
