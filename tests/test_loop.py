@@ -8,6 +8,7 @@ from conftest import make_mlp, regression_data
 
 import safetrain
 from safetrain import Policy, RetraceError, RetraceGuard, SafeTrainer, StepError, StopOnNaN
+from safetrain import steps as steps_module
 
 x, y = regression_data(n=64)
 
@@ -50,7 +51,9 @@ class NaNSpotter(Policy):
         self.seen.append((epoch, step, logs["loss"]))
 
 
-def test_a_user_policy_with_watches_nonfinite_hears_the_exact_step():
+@pytest.mark.parametrize("stepwise", [32, 0], ids=["one call a step", "in the graph loop"])
+def test_a_user_policy_with_watches_nonfinite_hears_the_exact_step(stepwise, monkeypatch):
+    monkeypatch.setattr(steps_module, "STEPWISE_STEPS", stepwise)
     bad = y.copy()
     bad[5 * 8 + 3] = np.nan  # batch 5 of 8 samples: its loss is NaN
     spotter = NaNSpotter()

@@ -6,6 +6,7 @@ import tensorflow as tf
 from conftest import make_mlp, regression_data
 
 from safetrain import SafeTrainer, _compat
+from safetrain import steps as steps_module
 from safetrain.graph_loops import ChunkSizer
 
 
@@ -146,3 +147,27 @@ def test_chunk_sizer_grows_to_the_target_time_and_respects_caps():
     fixed = ChunkSizer(10)
     fixed.observe(10, 10, 0.001)
     assert fixed.next(None) == 10
+
+
+def test_a_short_fit_runs_its_steps_one_call_each_and_a_longer_one_traces_the_loop():
+    x, y = regression_data(n=64)
+    trainer = SafeTrainer(make_mlp())
+    trainer.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 8 steps: no loop traced for them
+    step = trainer.steps["train"]
+    assert step.loop_traces == 0 and step.stepwise_steps == 8
+    trainer.fit(x, y, batch_size=8, epochs=4, verbose=0)  # 8 + 24 = STEPWISE_STEPS one call each, then the loop
+    assert step.stepwise_steps == steps_module.STEPWISE_STEPS == 32 and step.loop_traces == 1
+    assert trainer.trace_counts["train"] == 1
+
+
+def test_steps_run_one_call_each_give_the_numbers_of_the_loop(monkeypatch):
+    x, y = regression_data(n=96)
+    weights = {}
+    for stepwise in (32, 0):
+        monkeypatch.setattr(steps_module, "STEPWISE_STEPS", stepwise)
+        model = make_mlp(seed=3)
+        history = SafeTrainer(model).fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        weights[stepwise] = ([w.copy() for w in model.get_weights()], history.history["loss"])
+    for a, b in zip(weights[32][0], weights[0][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(weights[32][1], weights[0][1], rtol=1e-6)

@@ -1,0 +1,106 @@
+"""What earlier trainers leave behind is collected when it is due, and only then (safetrain/reclaim.py)."""
+
+import gc
+import weakref
+
+import pytest
+from conftest import make_mlp, regression_data
+
+from safetrain import SafeTrainer, reclaim
+
+x, y = regression_data(n=64)
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A clean record of trainers and collections; never paced by time (the tests set the other triggers)."""
+    monkeypatch.setattr(reclaim, "_state", reclaim._State())
+    monkeypatch.setattr(reclaim, "PACE", 1e9)
+    monkeypatch.setattr(reclaim, "BUDGET_MB", 1e9)
+    gc.collect()
+    return reclaim._state
+
+
+def fit_and_drop() -> weakref.ref:
+    """Fit a fresh model with a trainer of its own, drop both, and return a weak reference to the model."""
+    model = make_mlp()
+    SafeTrainer(model).fit(x, y, epochs=1, verbose=0)
+    return weakref.ref(model)
+
+
+def test_a_dead_model_outlives_its_trainer_until_a_collection_frees_it(fresh, no_automatic_collections):
+    ref = fit_and_drop()
+    assert ref() is not None  # a Keras model and a traced step are reference cycles
+    SafeTrainer(make_mlp())  # the first collection: due at once (no earlier one to pace it by)
+    assert ref() is None
+    assert fresh.collections == 1 and fresh.trainers == 2
+
+
+def test_no_collection_runs_when_no_earlier_trainer_may_be_garbage(fresh):
+    SafeTrainer(make_mlp())  # nothing before it
+    assert fresh.collections == 0
+    reclaim.collect()
+    model = make_mlp()
+    kept = SafeTrainer(model)
+    kept.fit(x, y, epochs=1, verbose=0)
+    reclaim.collect()  # `kept` survives it: proven alive, not counted again
+    assert fresh.pending == [] and fresh.collections == 2
+    SafeTrainer(model)
+    assert fresh.collections == 2
+
+
+def test_at_most_max_pending_trainers_wait_for_a_collection(fresh, monkeypatch, no_automatic_collections):
+    monkeypatch.setattr(reclaim, "MAX_PENDING", 3)
+    reclaim.collect()  # paced from here on: only the count can make one due
+    refs = [fit_and_drop() for _ in range(3)]
+    assert fresh.collections == 1 and all(r() is not None for r in refs)
+    SafeTrainer(make_mlp())  # three wait: this one collects
+    assert fresh.collections == 2 and all(r() is None for r in refs)
+
+
+@pytest.fixture
+def no_automatic_collections():
+    gc.disable()  # Python's own collections would free dead models at moments of their choosing
+    yield
+    gc.enable()
+
+
+def test_a_collection_is_due_once_pace_times_its_cost_has_passed(fresh, monkeypatch, no_automatic_collections):
+    reclaim.collect()
+    ref = fit_and_drop()
+    SafeTrainer(make_mlp())
+    assert fresh.collections == 1 and ref() is not None  # paced: 1e9 times the last collection has not passed
+    monkeypatch.setattr(reclaim, "PACE", 0.0)
+    SafeTrainer(make_mlp())
+    assert fresh.collections == 2 and ref() is None
+
+
+def test_growth_past_the_budget_makes_a_collection_due(fresh, monkeypatch, no_automatic_collections):
+    reclaim.collect()
+    ref = fit_and_drop()
+    monkeypatch.setattr(reclaim, "BUDGET_MB", -1e9)  # any reading is past it
+    SafeTrainer(make_mlp())
+    assert fresh.collections == 2 and ref() is None
+
+
+def test_a_trainer_freed_by_reference_counting_leaves_nothing_to_collect(fresh):
+    SafeTrainer(make_mlp())  # never fitted: no cycle holds it, so it is gone at once
+    SafeTrainer(make_mlp())
+    assert fresh.collections == 0 and fresh.trainers == 2
+
+
+def test_models_trained_in_a_loop_never_pile_up_past_the_bound(fresh, monkeypatch, no_automatic_collections):
+    # Paced by time as shipped: whatever the timing, at most MAX_PENDING dead models wait.
+    monkeypatch.setattr(reclaim, "PACE", 4.0)
+    refs = [fit_and_drop() for _ in range(2 * reclaim.MAX_PENDING + 1)]
+    alive = sum(r() is not None for r in refs)
+    assert alive <= reclaim.MAX_PENDING, (alive, reclaim.stats())
+    assert 2 <= fresh.collections <= len(refs) - 1
+
+
+def test_stats_report_trainers_collections_and_their_time(fresh, no_automatic_collections):
+    fit_and_drop()
+    SafeTrainer(make_mlp())
+    stats = reclaim.stats()
+    assert stats["trainers"] == 2 and stats["collections"] == 1 and stats["collect_s"] > 0
+    assert set(stats) == {"trainers", "collections", "collect_s", "last_collect_s", "pending"}
