@@ -7,7 +7,8 @@ after a 3-model warm-up, and the FuncGraph / AtomicFunction objects still alive 
 safetrain's fixes off by patching them out (the optimizer is always built eagerly):
     none       no gradient-registry cleanup, no kernel-cache clearing
     registry   + the gradient-registry entries of each trace removed
-    all        + the eager kernel cache cleared (and a gc) when a new trainer starts: safetrain as shipped
+    all        + the eager kernel cache cleared with the paced collection when a new trainer starts (reclaim.py):
+               safetrain as shipped
 """
 
 import collections
@@ -24,14 +25,14 @@ def child(mode: str) -> None:
     import keras
     import numpy as np
 
+    import safetrain.reclaim as reclaim
     import safetrain.steps as steps
-    import safetrain.trainer as trainer_module
     from safetrain import SafeTrainer, memory
 
     if mode == "none":
         steps.CompiledStep._release_gradient_entries = lambda self, before: None
     if mode in ("none", "registry"):
-        trainer_module._release_previous_models = lambda: None
+        reclaim.on_new_trainer = lambda trainer: None
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 32)).astype("float32")
     y = x[:, :4].sum(axis=1, keepdims=True)

@@ -14,13 +14,15 @@ process), against 0.38 s for the whole fit.
 So the collection runs only when it can free something and has paid for itself:
 - something may be garbage: a trainer made since the last collection is still weakly referenced (one that is
   gone was freed by reference counting, so there is nothing to collect for it);
-- and one of: `PACE` times the last collection's duration has passed since it ended (the collections then
-  cost at most 1/(1+PACE) of the time; a fit that takes longer than that pays for one every trainer, as
+- and one of: `PACE` times the last collection's duration has passed since it ended (collections then cost at
+  most 1/(1+PACE), 11%, of the time; a trainer whose fit takes longer than that pays for one every time, as
   before), or `MAX_PENDING` such trainers wait (a bound on the dead models held, whatever the timing), or
   anonymous memory grew `BUDGET_MB` since the last collection (a large model is not kept waiting).
 
-Measured (`benchmarks/short_fits.py`, 8 steps): a collection every 2nd trainer, +0.01 MiB per model; every
-4th, +0.09; every 8th, +0.23 (a sawtooth of 16 MiB).
+Dead models waiting for a collection hold memory the next ones reuse once it is freed: memory grows by the
+few that wait, once, and then stays flat. Measured on 40 fresh 8-step fits of that model, RssAnon slope per
+model after 3: a collection every trainer +0.01 MiB, every 4th +0.09 (a step of 6 MiB, then flat), every 8th
++0.23 (a sawtooth of 16 MiB). `benchmarks/short_fits.py` measures what this pacing gives.
 
 The same collection clears TensorFlow's eager kernel cache: each variable created eagerly adds an entry
 (about 35 KB, keyed on its unique name), 0.49 MiB for that model with Adam. It is only a cache (clearing it
@@ -40,7 +42,7 @@ from safetrain.diagnostics import read_memory
 __all__ = ["on_new_trainer", "collect", "stats", "PACE", "MAX_PENDING", "BUDGET_MB"]
 
 #: A collection waits until this many times its last duration has passed since it ended.
-PACE = 4.0
+PACE = 8.0
 #: ...but never past this many trainers that may be garbage...
 MAX_PENDING = 8
 #: ...nor past this much growth of anonymous memory (MiB) since it ran.

@@ -9,6 +9,7 @@ from conftest import make_mlp, regression_data
 from safetrain import SafeTrainer, reclaim
 
 x, y = regression_data(n=64)
+SHIPPED_PACE = reclaim.PACE
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_a_trainer_freed_by_reference_counting_leaves_nothing_to_collect(fresh):
 
 def test_models_trained_in_a_loop_never_pile_up_past_the_bound(fresh, monkeypatch, no_automatic_collections):
     # Paced by time as shipped: whatever the timing, at most MAX_PENDING dead models wait.
-    monkeypatch.setattr(reclaim, "PACE", 4.0)
+    monkeypatch.setattr(reclaim, "PACE", SHIPPED_PACE)
     refs = [fit_and_drop() for _ in range(2 * reclaim.MAX_PENDING + 1)]
     alive = sum(r() is not None for r in refs)
     assert alive <= reclaim.MAX_PENDING, (alive, reclaim.stats())
