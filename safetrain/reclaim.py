@@ -6,7 +6,7 @@
 A model trained in a loop (k-fold, hyper-parameter search, KerasTuner trials) outlives its fold: a Keras
 model and a trainer's traced steps are reference cycles (layers and their trackers, graphs and their
 operations), and with the ~300k long-lived objects TensorFlow and Keras import, Python's full collection
-runs rarely. Measured on an 8-16-1 model fitted for 8 steps, 40 fresh models with no collection: anonymous
+runs rarely. Measured on an 8-16-1 model fitted for 8 steps, 30 fresh models with no collection: anonymous
 memory +2.3 MiB per model. A full `gc.collect()` frees them, but it walks every object in the process:
 0.13-0.17 s with TensorFlow loaded, more where other code keeps graphs alive (`model.fit` in the same
 process), against 0.38 s for the whole fit.

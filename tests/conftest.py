@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_session():
     # Without the full gc.collect() clear_session would run (0.13 s a test): SafeTrainer collects when a
-    # new trainer starts, and tests that count objects collect themselves.
+    # new trainer starts and a collection is due (safetrain/reclaim.py), and tests that count objects collect
+    # themselves.
     keras.backend.clear_session(free_memory=False)
     yield
 
