@@ -227,16 +227,22 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         return built
 
     # -- fit, evaluate, predict: arguments checked here, the loop in loop.py ---------------------------
-    def _batches(self, x, y, sample_weight, *, batch_size, shuffle, class_weight=None, steps=None, what):
-        # The shuffle order, as `model.fit`'s: under a TensorFlow global seed (`keras.utils.set_random_seed`)
-        # Keras's own order for it; without one, a fresh order each fit, from a seed drawn from the OS so
-        # that no global RNG (Python, NumPy, TensorFlow, Keras) moves. Either way it is recorded in
-        # `progress`, so re-hydration and resume replay it.
-        global_seed = _compat.tf_global_seed()
-        if global_seed is not None:
-            self.progress.data_seed, self.progress.keras_order = int(global_seed), True
-        else:
-            self.progress.data_seed, self.progress.keras_order = random.SystemRandom().randrange(2**31), False
+    def _batches(self, x, y=None, sample_weight=None, *, batch_size, steps, what, shuffle=False, class_weight=None):
+        """One input of `fit` (training or validation), `evaluate` or `predict` as `Batches`.
+
+        For training data (`what == "fit"`), the shuffle order is `model.fit`'s: under a TensorFlow global seed
+        (`keras.utils.set_random_seed`) Keras's own order for it; without one, a fresh order each fit, from a
+        seed drawn from the OS so that no global RNG (Python, NumPy, TensorFlow, Keras) moves. Either way it is
+        recorded in `progress`, so re-hydration and resume replay it. Other inputs are read in turn.
+        """
+        seed, keras_order = 0, False
+        if what == "fit":
+            global_seed = _compat.tf_global_seed()
+            if global_seed is not None:
+                self.progress.data_seed, self.progress.keras_order = int(global_seed), True
+            else:
+                self.progress.data_seed, self.progress.keras_order = random.SystemRandom().randrange(2**31), False
+            seed, keras_order = self.progress.data_seed, self.progress.keras_order
         return data_module.as_batches(
             x,
             y,
@@ -245,8 +251,8 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             shuffle=shuffle,
             class_weight=class_weight,
             steps=steps,
-            seed=self.progress.data_seed,
-            keras_order=self.progress.keras_order,
+            seed=seed,
+            keras_order=keras_order,
             what=what,
             array_path=self.array_path,
         )
@@ -304,15 +310,13 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         val = None
         if validation_data is not None:
             vx, vy, vsw = data_module.unpack_validation_data(validation_data)
-            val = data_module.as_batches(
+            val = self._batches(
                 vx,
                 vy,
                 vsw,
                 batch_size=validation_batch_size or (batch_size if data_module.kind_of(vx) == "arrays" else None),
-                shuffle=False,
                 steps=validation_steps,
                 what="fit (validation_data)",
-                array_path=self.array_path,
             )
             check_data(self.model, val, vx, vy, vsw, "fit (validation_data)", self.check_inputs)
         self.build(train.element_spec)
@@ -362,16 +366,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         check_int("steps", steps, 1, allow_none=True)
         verbose = resolve_verbose(verbose)
         self.require_compiled("evaluate")
-        batches = data_module.as_batches(
-            x,
-            y,
-            sample_weight,
-            batch_size=batch_size,
-            shuffle=False,
-            steps=steps,
-            what="evaluate",
-            array_path=self.array_path,
-        )
+        batches = self._batches(x, y, sample_weight, batch_size=batch_size, steps=steps, what="evaluate")
         check_data(self.model, batches, x, y, sample_weight, "evaluate", self.check_inputs)
         self.build(batches.element_spec)
         steps = _limit_steps(steps)
@@ -410,9 +405,7 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         reject_unknown(kwargs, self.predict, "predict")
         check_int("steps", steps, 1, allow_none=True)
         verbose = resolve_verbose(verbose)
-        batches = data_module.as_batches(
-            x, None, None, batch_size=batch_size, shuffle=False, steps=steps, what="predict", array_path=self.array_path
-        )
+        batches = self._batches(x, batch_size=batch_size, steps=steps, what="predict")
         self.build(batches.element_spec, training=False)
         steps = _limit_steps(steps)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)

@@ -192,7 +192,6 @@ def gen():
 @pytest.mark.parametrize(
     "make_x, kwargs, match",
     [
-        (dataset, dict(batch_size=8), r"`batch_size` must be None when `x` is a tf.data.Dataset"),
         (dataset, dict(validation_split=0.2), r"`validation_split` is only supported for array inputs"),
         (
             gen,
@@ -211,6 +210,16 @@ def test_bad_dataset_arguments_raise_before_any_step(make_x, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SafeTrainer(model).fit(make_x(), verbose=0, **kwargs)
     assert_untrained(model, before)
+
+
+@pytest.mark.parametrize("make_x", [dataset, gen], ids=["dataset", "generator"])
+def test_batch_size_with_an_input_that_yields_batches_is_ignored_with_a_warning_as_model_fit_ignores_it(make_x):
+    keras.utils.set_random_seed(0)
+    plain = SafeTrainer(make_mlp()).fit(make_x(), verbose=0).history
+    keras.utils.set_random_seed(0)
+    with pytest.warns(UserWarning, match=r"`batch_size=8` is ignored"):
+        given = SafeTrainer(make_mlp()).fit(make_x(), batch_size=8, verbose=0).history
+    assert given == plain
 
 
 def test_empty_generator_is_refused():
