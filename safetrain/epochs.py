@@ -132,17 +132,49 @@ class EpochIterator:
     def steps_done(self) -> int:
         return self.position.epoch_steps
 
-    def finish(self) -> None:
-        """End the epoch: renew the iterator if the data ended, warn if that cut a fixed-length epoch short."""
+    @property
+    def ran_out(self) -> bool:
+        """The pass has been read to its end (the data ended, or every batch of a known count was taken)."""
+        return self._exhausted or (self.num_batches is not None and self.position.pass_batches >= self.num_batches)
+
+    def calls_past_end(self, stopped: bool) -> bool:
+        """Does `model.fit` call its step once more at the end of this pass: yes for data of unknown length read
+        to its end (Keras learns the end from a call that finds no batch), unless a callback stopped the pass."""
+        return (
+            self.batches.num_batches is None
+            and self.batch is None
+            and self.iterator is not None
+            and self.ran_out
+            and not stopped
+            and not isinstance(self.iterator, tf.distribute.DistributedIterator)
+        )
+
+    def finish(self, stopped: bool = False) -> None:
+        """End the epoch: renew the iterator if the data ended, warn if that cut a fixed-length epoch short.
+
+        `stopped`: a callback stopped the pass (`stop_training`, `stop_evaluating`, `stop_predicting`).
+        """
         position = self.position
-        ran_out = self._exhausted or (self.num_batches is not None and position.pass_batches >= self.num_batches)
+        ran_out = self.ran_out
         if self.steps_per_epoch is not None and ran_out and position.epoch_steps < self.steps_per_epoch:
             warnings.warn(_RAN_OUT, stacklevel=3)
         if ran_out or self.steps_per_epoch is None:
             self._retire()  # the next epoch starts a new pass
             position.pass_batches = 0
+            if ran_out and not stopped and self.steps_per_epoch is None:
+                self._open_spare()
         position.epoch_steps = 0
         self.batches.on_epoch_end()
+
+    def _open_spare(self) -> None:
+        # Keras's EpochIterator opens the next pass's iterator as soon as a pass of known length is read to its
+        # end, and (without `steps_per_epoch`) opens another at the next epoch, dropping the first. A dataset
+        # that reshuffles each iteration (`shuffle(buffer)`, TensorFlow's default) draws its order when an
+        # iterator is opened, so `model.fit`'s epochs see passes 1, 3, 5 and a second `fit` starts at pass 7.
+        # Opening (and dropping) the same iterator here gives the same orders; it reads nothing. Arrays have
+        # their own order (`order.py`), and generators no known length.
+        if self.batches.kind != "arrays" and self.batches.num_batches is not None:
+            iter(self.batches.dataset(self.position.pass_epoch))
 
     def _retire(self) -> None:
         # Tearing down a multi-worker distributed iterator blocks for about 0.6 s (its prefetching ops are

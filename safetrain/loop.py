@@ -170,11 +170,41 @@ class Loop:
 
     def train_epoch(self, data: EpochIterator, epoch: int, first: bool) -> dict:
         logs = self.run_pass("train", data, self.chunk_sizer("train"))
+        logs = self.call_past_end(data) or logs
         steps_done = data.steps_done
-        data.finish()
+        data.finish(stopped=self.trainer.model.stop_training)
         if steps_done == 0 and first and data.num_batches in (None, 0):
             raise ValueError("fit: `x` yielded no batches; there is nothing to train on.")
         return dict(_epoch_logs(self.trainer.model, logs))
+
+    def call_past_end(self, data: EpochIterator):
+        """At the end of a pass over data of unknown length, the call `model.fit` makes on the exhausted iterator
+        (with Keras's `steps_per_execution` of 1): `on_train_batch_begin` for it, and the state it leaves (see
+        `CompiledStep.run_past_end`). Returns the logs when the data had one more batch after all, else None."""
+        trainer = self.trainer
+        if getattr(trainer.model, "steps_per_execution", 1) != 1:
+            return None
+        if not data.calls_past_end(trainer.model.stop_training):
+            return None
+        first = data.steps_done
+        self.events.chunk_begin("train", first)
+        ran, outputs = trainer.steps["train"].run_past_end(data.iterator)
+        if not ran:
+            # In Keras's train_step `iterations += 1` waits for nothing, so it runs before the missing batch stops
+            # the call; ours waits for the gradients (a step that fails part-way changes nothing). A
+            # LossScaleOptimizer applies (and counts) inside a cond on the gradients: nothing to add there.
+            optimizer = trainer.model.optimizer
+            if (
+                not trainer.has_custom("train_step")
+                and isinstance(optimizer, keras.optimizers.Optimizer)
+                and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            ):
+                optimizer.iterations.assign_add(1)
+            return None
+        data.advance(1, 1)
+        trainer.progress.global_step += 1
+        self.events.chunk_end("train", first, outputs)
+        return outputs
 
     def epoch_end(self, epoch: int, logs: dict) -> dict:
         trainer = self.trainer
@@ -209,7 +239,7 @@ class Loop:
         try:
             logs = self.run_pass("test", data, self.chunk_sizer("test"))
         finally:
-            data.finish()
+            data.finish(stopped=trainer.model.stop_evaluating)
         logs = _compat.pythonify_logs(_epoch_logs(trainer.model, logs))
         self.callbacks.on_test_end(logs)
         return logs
@@ -230,7 +260,7 @@ class Loop:
         try:
             self.run_pass("predict", data, self.chunk_sizer("predict"), on_output=keep)
         finally:
-            data.finish()
+            data.finish(stopped=trainer.model.stop_predicting)
         self.callbacks.on_predict_end()
         return collected.result()
 

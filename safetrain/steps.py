@@ -168,6 +168,7 @@ class CompiledStep:
         self._step_fast: tuple | None = None  # (spec, concrete step function)
         self._composite: bool | None = None  # does the step return ragged/sparse tensors (None: not known)
         self.stepwise_steps = 0  # steps run one call each before the loop was traced
+        self._past_end = None  # the step called on `iterator.get_next()` (see `run_past_end`)
 
     def set_watch_nonfinite(self, watch: bool) -> None:
         """Stop training chunks right after a step with a NaN/Inf loss (the check is part of the loop)."""
@@ -247,7 +248,7 @@ class CompiledStep:
         self.spec = spec if self.function is None else _supertype(self.spec, spec)
         self.function = self._build(self.spec)
         self._last_spec = spec
-        self._loop = self._fast = self._step_fast = None  # the loop's graph holds the old step
+        self._loop = self._fast = self._step_fast = self._past_end = None  # their graphs hold the old step
         self._composite = None
         return self.function
 
@@ -340,6 +341,25 @@ class CompiledStep:
         steps_run, outputs = loop(iterator, count)
         self._fast = (spec, loop.get_concrete_function(iterator, count))
         return int(steps_run), outputs
+
+    def run_past_end(self, iterator):
+        """The call `model.fit` makes after the last batch of data of unknown length; returns `(steps_run, outputs)`.
+
+        Keras (with `steps_per_execution=1`) finds the end of such data by calling its step on
+        `iterator.get_next()` once more. TensorFlow runs the step's ops that do not wait for the batch before
+        the missing batch stops the call: seed generators (dropout) move on, and Keras's optimizer counts one
+        more iteration, every epoch (measured: 15 iterations for 3 epochs of 4 batches; seed counters 15). The
+        same call here moves what does not wait for the batch in this step (the loop adds the iteration that
+        SafeTrainer's own `train_step` holds back). The step itself is not traced again (the wrapper calls its
+        traced function). When the iterator did have another batch, that step ran, as it does in Keras.
+        """
+        if self._past_end is None:
+            step = self.function
+            self._past_end = function(lambda it: step(it.get_next()), autograph=False)
+        try:
+            return 1, self._past_end(iterator)
+        except tf.errors.OutOfRangeError:
+            return 0, None
 
     def _composite_outputs(self) -> bool:
         """True when the step returns ragged or sparse tensors, which the graph loops cannot carry."""
