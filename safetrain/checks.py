@@ -60,13 +60,31 @@ def resolve_verbose(verbose) -> int:
     """Keras's `verbose` ("auto", 0, 1, 2) as 0, 1 or 2."""
     if verbose == "auto":
         return 1
-    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+    # True and False are 1 and 0 to Keras too (its progress bar compares `verbose == 1`).
+    if isinstance(verbose, str) or verbose not in (0, 1, 2):
         raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2, got {verbose!r}.")
     return int(verbose)
 
 
 def _shape(spec) -> str:
     return str(tuple(spec.shape.as_list())) if spec.shape.rank is not None else "(unknown rank)"
+
+
+def _shape_fits(got: list, want: list) -> bool:
+    """Whether a batch of shape `got` fits a model input of shape `want` as Keras decides it.
+
+    (Only functional and Sequential models declare inputs, and those are the models that do this.) Keras's
+    functional models (Sequential ones too) accept an input one rank off when the difference is a
+    trailing axis of size 1: `(n, 28, 28)` for `Input((28, 28, 1))` (the axis is added), `(n, 8, 1)` for
+    `Input((8,))` (it is squeezed). The other dimensions must match where both are known.
+    """
+    if len(got) == len(want) + 1 and got[-1] == 1:
+        got = got[:-1]
+    elif len(got) == len(want) - 1 and want and want[-1] == 1:
+        want = want[:-1]
+    if len(got) != len(want):
+        return False
+    return all(w is None or g is None or w == g for g, w in zip(got[1:], want[1:]))
 
 
 def check_against_model(model, x_spec, what: str) -> None:
@@ -110,10 +128,7 @@ def check_against_model(model, x_spec, what: str) -> None:
             continue
         want_shape = tuple(want.shape)
         got_shape = got.shape.as_list() if got.shape.rank is not None else None
-        if got_shape is not None and (
-            len(got_shape) != len(want_shape)
-            or any(w is not None and g is not None and w != g for g, w in zip(got_shape[1:], want_shape[1:]))
-        ):
+        if got_shape is not None and not _shape_fits(got_shape, list(want_shape)):
             raise ValueError(
                 f"{what}: `{name}` has shape {_shape(got)} per batch, but the model expects "
                 f"{tuple(want_shape)} (the first dimension is the batch)."
@@ -133,6 +148,11 @@ def _sparse_loss(loss) -> bool:
     return getattr(loss, "__name__", "") == "sparse_categorical_crossentropy"
 
 
+def _ignore_class(loss):
+    """`SparseCategoricalCrossentropy(ignore_class=...)`'s label, which Keras masks out of the loss."""
+    return getattr(loss, "ignore_class", None) if isinstance(loss, keras.losses.SparseCategoricalCrossentropy) else None
+
+
 def check_sparse_labels(model, y, what: str) -> None:
     """For a single-output model compiled with a sparse categorical loss: every label in `[0, classes)`."""
     if y is None or tree.is_nested(y) or not _sparse_loss(getattr(model, "loss", None)):
@@ -144,9 +164,12 @@ def check_sparse_labels(model, y, what: str) -> None:
     labels = np.asarray(y)
     if not np.issubdtype(labels.dtype, np.number) or labels.size == 0:
         return
-    bad = np.flatnonzero(
-        (labels.reshape(len(labels), -1) < 0).any(axis=1) | (labels.reshape(len(labels), -1) >= classes).any(axis=1)
-    )
+    flat = labels.reshape(len(labels), -1)
+    outside = (flat < 0) | (flat >= classes)
+    ignored = _ignore_class(model.loss)
+    if ignored is not None:
+        outside &= flat != ignored
+    bad = np.flatnonzero(outside.any(axis=1))
     if bad.size:
         i = int(bad[0])
         raise ValueError(
@@ -202,7 +225,11 @@ def check_fit_arguments(
     check_int("validation_batch_size", validation_batch_size, 1, allow_none=True)
     if isinstance(validation_freq, int) and not isinstance(validation_freq, bool):
         check_int("validation_freq", validation_freq, 1)
-    elif not (isinstance(validation_freq, (list, tuple)) and all(isinstance(v, int) for v in validation_freq)):
+    elif not (
+        isinstance(validation_freq, (list, tuple))
+        # Keras tests `epoch in validation_freq`: 2.0 matches epoch 2; a string or a bool is refused as nonsense.
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in validation_freq)
+    ):
         raise TypeError(f"`validation_freq` must be an int or a list of epoch numbers, got {validation_freq!r}.")
 
 

@@ -91,10 +91,10 @@ def as_batches(
         3
     """
     _check_batch_size(batch_size)
-    check_class_weight(class_weight)
     if x is None:
         raise ValueError(f"{what}: `x` is required ({_ACCEPTED}).")
     kind = kind_of(x)
+    check_class_weight(class_weight, kind)
     if kind == "arrays":
         streamable = array_path != "graph" and ArrayReader.of((x, y, sample_weight)) is not None
         if not streamable and not can_convert_arrays((x, y, sample_weight)):

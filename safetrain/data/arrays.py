@@ -61,25 +61,31 @@ def check_graph_path_memory(nbytes: int, what: str) -> None:
 
 
 def class_weight_to_sample_weight(y, class_weight: dict) -> np.ndarray:
+    """Keras's rule: each sample weighs `class_weight.get(class, 1.0)`, its class the rounded label (the argmax
+    of a one-hot row). A class with no key, negative ones included, weighs 1."""
     y_np = np.asarray(keras.ops.convert_to_numpy(y))
     if y_np.ndim > 1:
         y_np = np.argmax(y_np, axis=-1) if y_np.shape[-1] != 1 else np.squeeze(y_np, axis=-1)
-    classes = np.round(y_np).astype(np.int64)
-    table_size = max(int(classes.max(initial=0)), max(int(k) for k in class_weight)) + 1
-    table = np.ones(table_size, dtype=backend.floatx())
-    for k, v in class_weight.items():
-        table[int(k)] = v
-    return table[classes]
+    classes, index = np.unique(np.round(y_np).astype(np.int64), return_inverse=True)
+    # One lookup per class, not per sample; `dict.get` matches a key 1.0 to class 1 as Keras's lookup does.
+    table = np.array([class_weight.get(int(c), 1.0) for c in classes], dtype=backend.floatx())
+    return table[index.reshape(-1)]
 
 
-def check_class_weight(class_weight):
+def check_class_weight(class_weight, kind: str = "arrays"):
+    """Keys that Keras would silently never match (strings, 0.5, True) are refused; so is `{}` for a dataset,
+    generator or PyDataset, which Keras's adapters fail on with "max() arg is an empty sequence"."""
     if class_weight is None:
         return
-    if not isinstance(class_weight, dict) or not class_weight:
-        raise TypeError(f"`class_weight` must be a non-empty dict mapping class index to weight, got {class_weight!r}.")
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"`class_weight` must be a dict mapping class index to weight, got {class_weight!r}.")
+    if not class_weight and kind != "arrays":
+        raise ValueError(f"`class_weight` must not be empty when `x` is a {kind}; pass None for no class weights.")
     for k in class_weight:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-            raise ValueError(f"`class_weight` keys must be non-negative class indices, got key {k!r}.")
+        if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)) or not float(k).is_integer():
+            raise ValueError(
+                f"`class_weight` keys must be class indices (integers), got key {k!r}, which no label can match."
+            )
 
 
 def array_batches(
@@ -130,8 +136,12 @@ def array_batches(
         sample_weight = class_weight_to_sample_weight(y, class_weight)
     if not batch_size:
         batch_size = int(math.ceil(n / steps)) if steps else 32
+    if shuffle is None:
+        shuffle = False  # model.fit reads None as False
     if shuffle not in (True, False, "batch"):
         raise ValueError(f"`shuffle` must be True, False or 'batch', got {shuffle!r}.")
+    # 1, 0 and NumPy booleans as the bools they stand for: `Batches` tests `shuffle is True`.
+    shuffle = "batch" if isinstance(shuffle, str) else bool(shuffle)
     reader = None
     if array_path != "graph":
         reader = ArrayReader.of(data_adapter_utils.pack_x_y_sample_weight(x, y, sample_weight))
