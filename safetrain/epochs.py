@@ -54,7 +54,7 @@ class EpochIterator:
         #: Where the data stands (live: the trainer's `progress.position` is this object during `fit`).
         self.position = DataPosition()
         self._exhausted = False
-        self.element_spec = batches.element_spec
+        self.element_spec = batches.step_spec
         #: With `direct` (evaluate, predict), the whole pass as one batch of tensors when it is one unshuffled
         #: batch of arrays on one replica: the step then runs on it directly, without a `tf.data` iterator
         #: (see `Batches.single_batch`).

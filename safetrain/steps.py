@@ -43,12 +43,17 @@ STEPWISE_STEPS = 32
 
 
 class TraceEvent:
-    """What a listener learns when a step is traced: which step, the previous and the new signature."""
+    """What a listener learns when a step is traced: which step, the previous and the new signature.
 
-    __slots__ = ("kind", "count", "old_spec", "new_spec")
+    `relaxations`: how many of the step's `count` traces only relaxed a fixed batch size to `None` (a step
+    traced for `model.fit`'s fixed batch size meeting batches of another size; at most one per step).
+    """
 
-    def __init__(self, kind: str, count: int, old_spec, new_spec) -> None:
+    __slots__ = ("kind", "count", "old_spec", "new_spec", "relaxations")
+
+    def __init__(self, kind: str, count: int, old_spec, new_spec, relaxations: int = 0) -> None:
         self.kind, self.count, self.old_spec, self.new_spec = kind, count, old_spec, new_spec
+        self.relaxations = relaxations
 
     def __repr__(self) -> str:
         return f"TraceEvent({self.kind!r}, count={self.count}, old={self.old_spec}, new={self.new_spec})"
@@ -162,6 +167,7 @@ class CompiledStep:
         self._initializing = None  # the spec of a first trace that created variables
         self.loop_traces = 0
         self.signatures: list = []
+        self.batch_relaxations = 0  # traces that only relaxed a fixed batch size (see `TraceEvent`)
         self._last_spec = None  # the last spec object accepted: O(1) acceptance for the next call
         self._loop = None
         self._fast: tuple | None = None  # (spec object, concrete loop function)
@@ -189,7 +195,9 @@ class CompiledStep:
         self.total_traces += 1
         old = self.signatures[-1] if self.signatures else None
         self.signatures.append(spec)
-        self.on_trace(TraceEvent(self.kind, self.traces, old, spec))
+        if old is not None and relax_spec(old) == relax_spec(spec):
+            self.batch_relaxations += 1
+        self.on_trace(TraceEvent(self.kind, self.traces, old, spec, self.batch_relaxations))
 
     def _release_gradient_entries(self, before: set | None) -> None:
         # Gradients inside the step are taken during its own trace (by the tape), so the custom-gradient

@@ -225,3 +225,29 @@ def test_validation_inside_fit_computes_exactly_what_model_evaluate_computes(jit
     logs = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)  # Keras's own, same weights
     assert history.history["val_loss"][-1] == logs["loss"]  # exactly, not approximately
     assert history.history["val_mae"][-1] == logs["mae"]
+
+
+def build_conv1d_batchnorm():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((50, 1))
+    h = inputs
+    for _ in range(2):
+        h = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv1D(16, 3, padding="same")(h)))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["sparse_categorical_accuracy"])
+    return model
+
+
+def test_batches_of_one_fixed_size_are_traced_with_it_as_model_fit_traces_them():
+    # keras.io's timeseries classification in small: every batch holds 32 samples, so Keras traces its steps
+    # for batch size 32, and TensorFlow compiles the convolutions and normalization for it (traced for `None`,
+    # val_loss was 7.7e-6 off after 4 epochs).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 50, 1)).astype("float32")
+    y = rng.integers(0, 2, 256)
+    results = run_both(build_conv1d_batchnorm, lambda: dict(x=x, y=y, batch_size=32, epochs=4, validation_split=0.25))
+    assert_same_training(*results[:4])
+    trainer = results[4]
+    assert trainer.trace_counts == {"train": 1, "test": 1, "predict": 0}
+    assert [s.shape[0] for s in tf.nest.flatten(trainer.steps["train"].spec)] == [32, 32]

@@ -40,7 +40,7 @@ def test_install_routes_fit_evaluate_predict_and_uninstall_gives_them_back():
         assert model.evaluate(x, y, verbose=0) == pytest.approx(plain.evaluate(x, y, verbose=0), rel=1e-6)
         np.testing.assert_allclose(model.predict(x, verbose=0), plain.predict(x, verbose=0), rtol=1e-6)
         assert trainer.trace_counts == {"train": 1, "test": 1, "predict": 1}
-        model.fit(x, y, epochs=1, verbose=0)  # the same trainer again: no new trace
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # the same trainer again: no new trace
         assert safetrain.trainer_of(model) is trainer and trainer.trace_counts["train"] == 1
     assert not safetrain.installed()
     assert keras.Model.fit is ORIGINAL_FIT

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["relax_spec", "describe_spec"]
+__all__ = ["relax_spec", "with_batch_size", "describe_spec"]
 
 
 def _relax_leaf(spec):
@@ -31,6 +31,17 @@ def relax_spec(spec):
     the relaxed spec accepts every batch of the dataset, the partial last one included.
     """
     return tf.nest.map_structure(_relax_leaf, spec)
+
+
+def with_batch_size(spec, batch_size: int):
+    """The same element spec with the batch dimension of every dense component set to `batch_size`."""
+
+    def one(s):
+        if isinstance(s, tf.TensorSpec) and s.shape.rank:
+            return tf.TensorSpec([batch_size] + s.shape.as_list()[1:], s.dtype, s.name)
+        return s
+
+    return tf.nest.map_structure(one, spec)
 
 
 def describe_spec(spec) -> str:

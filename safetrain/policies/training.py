@@ -50,8 +50,10 @@ class RetraceGuard(Policy):
     """Make a retrace visible: a step traced more than `max_traces` times raises (or warns).
 
     The error names the step and shows the signature it was compiled for and the one that forced the
-    retrace. Counts start again after re-hydration (which compiles new functions on purpose). It listens to
-    the trainer's traces during `fit` (from `on_train_begin` to `on_train_end`).
+    retrace. Counts start again after re-hydration (which compiles new functions on purpose). A step traced
+    for a fixed batch size (as `model.fit` traces it) that meets batches of another size is traced once more
+    with the batch dimension `None`; that one relaxation is not counted. It listens to the trainer's traces
+    during `fit` (from `on_train_begin` to `on_train_end`).
 
     Example:
         >>> SafeTrainer(model, policies=[RetraceGuard(max_traces=1)])
@@ -71,7 +73,7 @@ class RetraceGuard(Policy):
             trainer.steps.listeners.remove(self._on_trace)
 
     def _on_trace(self, event) -> None:
-        if event.count <= self.max_traces:
+        if event.count - event.relaxations <= self.max_traces:
             return
         self.events.append(event)
         message = (
