@@ -1,6 +1,6 @@
 """Checks run before any step: call arguments, and the data against the model.
 
-`data.py` validates inputs on their own (lengths, batch sizes, types); what needs the model lives here: do
+`safetrain.data` validates inputs on their own (lengths, batch sizes, types); what needs the model lives here: do
 the inputs' shapes and dtypes fit the model's inputs, are sparse labels within the model's classes, are the
 inputs finite (with `check_inputs=True`). A data error during a step (a generator that raises, a label out of
 range in a dataset, a NaN caught by `check_inputs`) becomes a `DataError` that names the epoch and batch.
