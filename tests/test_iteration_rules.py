@@ -223,3 +223,50 @@ def test_a_py_dataset_with_workers_as_validation_data_with_validation_steps():
         lambda: Batches(X[64:], Y[64:], batch=8, workers=2),
         [lambda v: dict(x=X[:64], y=Y[:64], batch_size=16, validation_data=v, validation_steps=3, epochs=3)],
     )
+
+
+def test_a_multi_input_multi_output_model_on_a_reshuffling_dataset_as_in_the_keras_guide():
+    # "Training & evaluation with the built-in methods": dicts of inputs and targets, per-output losses and
+    # loss weights, a shuffled tf.data dataset, validation on another.
+    def build_multi_io():
+        keras.utils.set_random_seed(0)
+        image = keras.Input((8, 8, 1), name="img_input")
+        series = keras.Input((None, 3), name="ts_input")
+        x1 = keras.layers.GlobalMaxPooling2D()(keras.layers.Conv2D(3, 3)(image))
+        x2 = keras.layers.GlobalMaxPooling1D()(keras.layers.Conv1D(3, 3)(series))
+        x = keras.layers.concatenate([x1, x2])
+        score = keras.layers.Dense(1, name="score_output")(x)
+        klass = keras.layers.Dense(5, name="class_output")(x)
+        model = keras.Model([image, series], [score, klass])
+        model.compile(
+            optimizer=keras.optimizers.RMSprop(1e-3),
+            loss={"score_output": "mse", "class_output": keras.losses.CategoricalCrossentropy(from_logits=True)},
+            loss_weights={"score_output": 2.0, "class_output": 1.0},
+        )
+        return model
+
+    rng = np.random.default_rng(5)
+    images = rng.random((60, 8, 8, 1)).astype("float32")
+    series = rng.random((60, 12, 3)).astype("float32")
+    scores = rng.random((60, 1)).astype("float32")
+    classes = keras.utils.to_categorical(rng.integers(0, 5, 60), 5).astype("float32")
+
+    def inputs():
+        keras.utils.set_random_seed(0)
+        ds = tf.data.Dataset.from_tensor_slices(
+            ({"img_input": images, "ts_input": series}, {"score_output": scores, "class_output": classes})
+        )
+        return ds.take(48).shuffle(48).batch(16), ds.skip(48).batch(6)
+
+    results = []
+    for runner in ("keras", "safetrain"):
+        model = build_multi_io()
+        train, val = inputs()
+        fit = model.fit if runner == "keras" else SafeTrainer(model).fit
+        results.append((model, fit(train, validation_data=val, epochs=3, verbose=0).history))
+    (k_model, k_hist), (s_model, s_hist) = results
+    assert set(s_hist) == set(k_hist)
+    for key in k_hist:
+        np.testing.assert_allclose(s_hist[key], k_hist[key], rtol=1e-6, err_msg=key)
+    for a, b in zip(k_model.get_weights(), s_model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
