@@ -70,6 +70,22 @@ def test_data_memory_benchmark_runs_and_writes_its_table(tmp_path):
     assert list(tmp_path.iterdir()) == [out]  # its memory-mapped files are removed
 
 
+def test_data_memory_benchmark_runs_its_image_cases(tmp_path):
+    out = tmp_path / "i.json"
+    result = run_benchmark(
+        "data_memory.py", "--images", "float32:32:96:32", "uint8:32:64:16", "--dir", str(tmp_path),
+        "--json", str(out),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["data"].split(",")[0], r["runner"]) for r in rows] == [
+        ("float32 32x32x3", "model.fit"), ("float32 32x32x3", "safetrain"),
+        ("uint8 32x32x3", "model.fit"), ("uint8 32x32x3", "safetrain"),
+    ]  # fmt: skip
+    assert all("error" not in r and r["steps_per_s"] > 0 for r in rows), rows
+    assert {r["path"] for r in rows if r["runner"] == "safetrain"} == {"stream"}
+    assert "| uint8 32x32x3, 64 samples (0 MiB) | batch 16 (0.0 MiB) | safetrain |" in result.stdout
+
+
 def test_doctor_benchmark_runs_and_prints_its_tables():
     # --reps 0 --only none: no script run (the corpus test runs the verdicts); the tables and arguments work.
     result = run_benchmark("doctor.py", "--reps", "0", "--only", "none")

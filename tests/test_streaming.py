@@ -241,3 +241,76 @@ def test_pandas_frames_and_series_are_streamed_as_their_numpy_views():
     expected = make_mlp().fit(x, y[:, 0], batch_size=16, epochs=2, verbose=0).history["loss"]
     got = SafeTrainer(make_mlp()).fit(frame, series, batch_size=16, epochs=2, verbose=0).history["loss"]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_read_ahead_is_bounded_in_bytes_and_small_rows_keep_16_batches_per_call():
+    from safetrain.data.streaming import GROUP, READ_AHEAD_BYTES, read_ahead
+
+    assert read_ahead(256 * 4096) == (GROUP, 2, 2)  # 4 KiB rows, batch 256: as before
+    assert read_ahead(32 * 128) == (GROUP, 2, 2)
+    for batch_bytes in [1, 2**10, 2**20, 3 * 2**20, 12 * 2**20, 48 * 2**20, 147 * 2**20, 2**33]:
+        group, calls, waiting = read_ahead(batch_bytes)
+        assert 1 <= group <= GROUP and calls >= 1 and waiting >= 0
+        held = group * batch_bytes * (calls + waiting)
+        assert held <= max(READ_AHEAD_BYTES, batch_bytes), (batch_bytes, group, calls, waiting)
+
+
+def test_a_pipeline_of_huge_rows_reads_one_batch_per_call_and_no_further_ahead(monkeypatch):
+    from safetrain.data import streaming
+
+    x = np.broadcast_to(np.float32(1), (48, 1024, 1024))  # 4 MiB rows (no memory: every row is the same)
+    y = np.arange(48, dtype="float32")
+    reader = streaming.ArrayReader.of((x, y, None))
+    group, calls, waiting = streaming.read_ahead(16 * 4 * 2**20)  # batches of 16 rows: 64 MiB
+    assert (group, calls, waiting) == (1, 1, 0)
+    reads = []
+    monkeypatch.setattr(
+        reader, "read", lambda indices: reads.append(len(indices)) or reader.read_slice(0, len(indices))
+    )
+    ahead = []
+    for consumed, batch in enumerate(reader.dataset(np.arange(48)[::-1].copy(), 16), start=1):
+        assert batch[0].shape == (16, 1024, 1024)
+        ahead.append(len(reads) - consumed)
+    assert reads == [16] * 3  # one batch per Python call
+    assert max(ahead) <= calls + waiting  # never more than that read beyond the batch in hand
+
+
+FIT_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import numpy as np, keras
+    from safetrain import SafeTrainer
+    from safetrain.memory import anon_mb
+    rows, batch = 4096, 256
+    x = np.empty((rows, 96, 96, 3), "float32")  # 108 KiB rows: 432 MiB, 27 MiB a batch
+    x[:] = 0.5
+    y = np.zeros((rows, 1), "float32")
+    model = keras.Sequential([keras.Input((96, 96, 3)), keras.layers.Conv2D(4, 8, strides=8),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    trainer = SafeTrainer(model)
+    trainer.fit(x[: 2 * batch], y[: 2 * batch], batch_size=batch, epochs=1, verbose=0)  # first-fit costs
+    peak = [anon_mb()]
+    class Peak(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            peak.append(anon_mb())
+    before = anon_mb()
+    trainer.fit(x, y, batch_size=batch, epochs=2, verbose=0, callbacks=[Peak()])
+    print(json.dumps({"growth": max(peak) - before, "path": trainer.train_batches.path}))
+    """
+)
+
+
+def test_a_fit_over_image_sized_rows_adds_a_few_batches_not_groups_of_16(tmp_path):
+    """Measured in fresh processes: +453 MiB when 16 batches were read per call whatever they weighed (the whole
+    432 MiB at once), +168 to +174 MiB read by bytes; the bound is 5% of the data, 4 batches and 96 MiB."""
+    script = tmp_path / "fit_memory.py"
+    script.write_text(FIT_MEMORY_SCRIPT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["path"] == "stream"
+    assert result["growth"] < 0.05 * 432 + 4 * 27 + 96, result  # MiB of anonymous memory added during fit

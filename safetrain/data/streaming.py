@@ -6,9 +6,10 @@
 The in-graph path (`tf.convert_to_tensor` on the whole array, then `tf.gather`) copies the data into
 TensorFlow, and peaks at two copies while it converts; a memory-mapped file is read into memory whole. Here
 each batch's rows are read from the NumPy array (in RAM or memory-mapped) by a `tf.numpy_function`, several
-batches per call (one Python call per `GROUP` batches keeps the per-batch cost below the in-graph gather's),
-rows in sorted order (a memory map reads near-sequentially), then put back in the batch's order and converted
-as `fit` converts arrays (floats to `floatx`). Prefetch is bounded (`PREFETCH` groups).
+batches per call (up to `GROUP`: one Python call per 16 small batches keeps the per-batch cost below the
+in-graph gather's), rows in sorted order (a memory map reads near-sequentially), then put back in the batch's
+order and converted as `fit` converts arrays (floats to `floatx`). What is read ahead is bounded in bytes
+(`READ_AHEAD_BYTES`, see `read_ahead`), whatever a row weighs.
 """
 
 from __future__ import annotations
@@ -19,12 +20,35 @@ import numpy as np
 import tensorflow as tf
 from keras import backend, tree
 
-__all__ = ["ArrayReader", "GROUP", "PREFETCH", "streamable"]
+__all__ = ["ArrayReader", "GROUP", "READ_AHEAD_BYTES", "read_ahead", "streamable"]
 
-#: Batches read per Python call.
+#: Most batches read per Python call (one call per 16 batches keeps the per-batch cost below the in-graph
+#: gather's for small rows).
 GROUP = 16
-#: Groups of batches read ahead.
-PREFETCH = 2
+#: Bytes of batches read ahead (being read or waiting), whatever a batch weighs. Measured (2-epoch fits, fresh
+#: processes): with 16 batches per call, 2 calls in flight and 2 waiting for any batch size, a float32
+#: 128x128x3 batch of 256 (48 MiB) added +1180 MiB; one batch per call, +291. For 12 MiB batches (float32
+#: 128x128x3, 64), budgets of 16, 32, 64 and 128 MiB added +183, +179, +205, +481 MiB; 32 MiB (2 calls of 16
+#: 1 MiB batches, none waiting) cut 4 KiB rows from 1075-1099 to 784-792 steps/s, so 64: 16 batches of 1 MiB
+#: per call, 2 calls in flight and 2 waiting, as before.
+READ_AHEAD_BYTES = 64 * 2**20
+
+
+def read_ahead(batch_bytes: int) -> tuple[int, int, int]:
+    """(batches per Python call, calls in flight, calls waiting) for batches of `batch_bytes` bytes as produced:
+    four calls' batches fit in `READ_AHEAD_BYTES` where they can, and at least one batch is read while a step
+    runs.
+
+    Example:
+        >>> read_ahead(2**20)          # 4 KiB rows, batch 256: 16 batches per call, 2 in flight, 2 waiting
+        (16, 2, 2)
+        >>> read_ahead(48 * 2**20)     # float32 128x128x3, batch 256: one batch at a time
+        (1, 1, 0)
+    """
+    batch_bytes = max(1, batch_bytes)
+    group = max(1, min(GROUP, READ_AHEAD_BYTES // (4 * batch_bytes)))
+    calls = max(1, min(4, READ_AHEAD_BYTES // (group * batch_bytes)))
+    return group, min(2, calls), calls - min(2, calls)
 
 
 def _as_numpy(a):
@@ -123,29 +147,32 @@ class ArrayReader:
         """The batches of `order` (sample indices, one epoch; None: every sample in turn), `batch_size` each
         (the last one may be smaller)."""
         n = self.num_samples if order is None else int(order.size)
+        row_bytes = sum(int(np.prod(a.shape[1:])) * dt.itemsize for a, dt in zip(self.arrays, self.dtypes))
+        group, calls, waiting = read_ahead(batch_size * row_bytes)
         full = (n // batch_size) * batch_size
-        grouped = (full // (GROUP * batch_size)) * GROUP * batch_size
-        # The pass as pieces (first position, batches, rows per batch): GROUP batches each, then the other
+        grouped = (full // (group * batch_size)) * group * batch_size
+        # The pass as pieces (first position, batches, rows per batch): `group` batches each, then the other
         # full batches, then the partial last one. The order stays in NumPy, read by position.
-        pieces = [(start, GROUP, batch_size) for start in range(0, grouped, GROUP * batch_size)]
+        pieces = [(start, group, batch_size) for start in range(0, grouped, group * batch_size)]
         if full > grouped:
             pieces.append((grouped, (full - grouped) // batch_size, batch_size))
         if n > full:
             pieces.append((full, 1, n - full))
         dtypes = [tf.as_dtype(dt) for dt in self.dtypes]
         row_shapes = [a.shape[1:] for a in self.arrays]
+        lead = [None, None] if group > 1 else [None]  # one batch per call: no group dimension, no `unbatch`
 
         def read_piece(piece: np.ndarray):
             start, batches, rows = (int(v) for v in piece)
             stop = start + batches * rows
             values = self.read_slice(start, stop) if order is None else self.read(order[start:stop])
-            return [v.reshape(batches, rows, *shape) for v, shape in zip(values, row_shapes)]
+            return [v.reshape(*[batches, rows][-len(lead) :], *shape) for v, shape in zip(values, row_shapes)]
 
         def read(piece):
             values = tf.numpy_function(read_piece, [piece], dtypes, stateful=False)
             flat: list[Any] = list(self._flat_template)
             for slot, v, shape in zip(self._slots, values, row_shapes):
-                flat[slot] = tf.ensure_shape(v, [None, None, *shape])
+                flat[slot] = tf.ensure_shape(v, [*lead, *shape])
             return tree.pack_sequence_as(self.structure, flat)
 
         # One traced function per pass, and no AutoGraph (plain Python): building the pipeline is most of what a
@@ -153,7 +180,9 @@ class ArrayReader:
         # `unbatch`, 13 ms like this).
         read = tf.autograph.experimental.do_not_convert(read)
         positions = tf.data.Dataset.from_tensor_slices(np.array(pieces, dtype=np.int64).reshape(-1, 3))
-        return positions.map(read, num_parallel_calls=2, deterministic=True).prefetch(PREFETCH).unbatch()
+        ds = positions.map(read, num_parallel_calls=calls, deterministic=True)
+        ds = ds.prefetch(waiting) if waiting else ds
+        return ds.unbatch() if group > 1 else ds
 
     def describe(self) -> str:
         where = "memory-mapped" if self.in_memory_map else "in memory"
