@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from safetrain import _compat
+from safetrain import _compat, reclaim
 from safetrain.errors import ConfigurationError
 from safetrain.microbatch import first_tensor
 
@@ -95,6 +95,13 @@ class StepSurface:
         is traced, as `model.fit` builds it; under a distribution strategy Keras requires the build, and so
         the error stands.
         """
+        try:
+            self._build(spec, training)
+        finally:
+            optimizer = self.model.optimizer
+            reclaim.on_variables(self.model.variables + (optimizer.variables if optimizer is not None else []))
+
+    def _build(self, spec, training: bool) -> None:
         model = self.model
         none_spec = type(_compat.none_spec())
         spec = tree.map_structure(lambda s: None if isinstance(s, (tf.OptionalSpec, none_spec)) else s, spec)

@@ -104,4 +104,58 @@ def test_stats_report_trainers_collections_and_their_time(fresh, no_automatic_co
     SafeTrainer(make_mlp())
     stats = reclaim.stats()
     assert stats["trainers"] == 2 and stats["collections"] == 1 and stats["collect_s"] > 0
-    assert set(stats) == {"trainers", "collections", "collect_s", "last_collect_s", "pending"}
+    assert set(stats) == {"trainers", "collections", "collect_s", "last_collect_s", "pending", "kernel_cache_clears"}
+
+
+# -- the eager kernel cache: cleared on its own evidence, whoever collects the garbage --------------------------
+
+
+@pytest.fixture
+def cache_clears(fresh, monkeypatch):
+    """Counts the kernel-cache clears; the cache is cleared once 20 new variables are counted."""
+    from safetrain import _compat
+
+    clears = []
+    real = _compat.clear_kernel_cache
+    monkeypatch.setattr(_compat, "clear_kernel_cache", lambda: clears.append(1) or real())
+    monkeypatch.setattr(reclaim, "KERNEL_CACHE_MB", 20 * reclaim.KERNEL_ENTRY_MB)
+    return clears
+
+
+def fit_fresh_model():
+    model = make_mlp()  # 4 weights, 9 optimizer variables (Adam), 1 metric's
+    SafeTrainer(model).fit(x, y, epochs=1, verbose=0)
+    return len(model.variables) + len(model.optimizer.variables)
+
+
+@pytest.mark.parametrize("between", ["nothing", "gc.collect()", "clear_session()", "both"])
+def test_the_kernel_cache_is_cleared_as_fresh_models_add_to_it_whatever_the_loop_does_between(cache_clears, between):
+    import keras
+
+    per_model = 0
+    for _ in range(6):
+        per_model = fit_fresh_model()
+        if between in ("gc.collect()", "both"):
+            gc.collect()  # the user's own collection: nothing left pending for reclaim to collect
+        if between in ("clear_session()", "both"):
+            keras.backend.clear_session()
+    models_per_clear = -(-20 // per_model)  # the count starts again at each clear
+    assert len(cache_clears) == 6 // models_per_clear >= 2, (per_model, reclaim.stats())
+
+
+def test_a_trainer_per_fit_on_one_model_counts_its_variables_once(cache_clears):
+    model = make_mlp()
+    for _ in range(6):
+        SafeTrainer(model).fit(x, y, epochs=1, verbose=0)  # "one more epoch", a new trainer each time
+    assert cache_clears == []  # the same variables: no new cache entries, nothing to clear
+    assert reclaim._state.new_variables == len(model.variables) + len(model.optimizer.variables)
+
+
+def test_the_kernel_cache_is_cleared_with_garbage_collection_disabled(cache_clears):
+    gc.disable()
+    try:
+        for _ in range(4):
+            fit_fresh_model()
+    finally:
+        gc.enable()
+    assert len(cache_clears) >= 1
