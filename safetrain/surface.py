@@ -98,7 +98,7 @@ class StepSurface:
         try:
             self._build(spec, training)
         finally:
-            optimizer = self.model.optimizer
+            optimizer = getattr(self.model, "optimizer", None)  # an uncompiled model (predict) has none
             reclaim.on_variables(self.model.variables + (optimizer.variables if optimizer is not None else []))
 
     def _build(self, spec, training: bool) -> None:
