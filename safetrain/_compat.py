@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -88,6 +90,7 @@ __all__ = [
     "input_is_optional",
     "none_spec",
     "omit_retracing_warning",
+    "python_functions_made",
     "CUSTOM_GRADIENT_PREFIX",
     "BATCH_END_IS_LAST_STEP",
 ]
@@ -187,6 +190,34 @@ def clear_kernel_cache() -> None:
     ctx = context.context()
     if hasattr(ctx, "clear_kernel_cache"):
         ctx.clear_kernel_cache()
+
+
+@contextlib.contextmanager
+def python_functions_made() -> Iterator[list]:
+    """The Python functions that `tf.numpy_function`, `tf.py_function` or `Dataset.from_generator` register in
+    the block, taken off the graph TensorFlow ties them to: yields a list, filled when the block ends.
+
+    TensorFlow keeps each such function alive as long as the outermost graph (`Graph._py_funcs_used_in_graph`),
+    and a `tf.data` pipeline built eagerly has the process's global graph as its outermost one: every
+    pipeline built on a Python function keeps that function, and all its closure holds, for good (measured: a
+    shuffled fit over 2M rows kept each epoch's 16 MiB order, +16 MiB per epoch). The dataset should hold
+    them instead (`tf.data`'s iterators hold their dataset for this reason), so they go with it.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while getattr(graph, "outer_graph", None) is not None:  # a FuncGraph: TensorFlow walks out the same way
+        graph = graph.outer_graph
+    before = getattr(graph, "_py_funcs_used_in_graph", None)
+    known = {id(f) for f in before} if before else set()
+    made: list = []
+    try:
+        yield made
+    finally:
+        held = getattr(graph, "_py_funcs_used_in_graph", None)
+        if held:
+            made.extend(f for f in held if id(f) not in known)
+            if made:
+                mine = {id(f) for f in made}
+                held[:] = [f for f in held if id(f) not in mine]
 
 
 def omit_retracing_warning(function) -> None:

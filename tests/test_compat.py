@@ -3,9 +3,11 @@
 An upgrade that moves one fails here, naming it, rather than somewhere inside a training run.
 """
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -109,3 +111,25 @@ def test_memory_maps_can_be_advised_for_random_reads(tmp_path):
     assert _compat.advise_random_access(mapped) is True  # Linux: NumPy's mmap object takes the advice
     assert _compat.advise_random_access(mapped[8:16]) is True  # a view finds its memory map
     assert _compat.advise_random_access(np.zeros(3)) is False
+
+
+def test_python_functions_of_a_pipeline_built_eagerly_are_taken_off_the_global_graph():
+    def graph():
+        g = tf.compat.v1.get_default_graph()
+        return getattr(g, "_py_funcs_used_in_graph", [])
+
+    before = len(graph())
+    with _compat.python_functions_made() as made:
+        ds = tf.data.Dataset.range(3).map(lambda i: tf.numpy_function(lambda v: v * 2, [i], tf.int64))
+    # TensorFlow put the function on the global graph (the private list still exists) and it was taken off.
+    assert len(made) == 1 and len(graph()) == before
+    assert hasattr(tf.compat.v1.get_default_graph(), "_py_funcs_used_in_graph")
+    holder = weakref.ref(made[0])
+    from safetrain.data.streaming import keep_with
+
+    ds = keep_with(ds, made)
+    del made
+    assert [int(v) for v in ds] == [0, 2, 4]  # the dataset holds what it calls
+    del ds
+    gc.collect()
+    assert holder() is None  # ...and no longer

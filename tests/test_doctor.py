@@ -43,7 +43,7 @@ def reports(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_the_doctor_names_the_right_cause(reports, name):
     report = reports[name]
-    assert report["exit_code"] == 0
+    assert report["exit_code"] == 0, report["text"]  # the text names the script's error
     found = [c["cause"] for c in report["diagnosis"]["causes"]]
     warned = [w["cause"] for w in report["diagnosis"]["warnings"]]
     assert (found, warned) == EXPECTED[name], report["text"]
@@ -52,7 +52,9 @@ def test_the_doctor_names_the_right_cause(reports, name):
 
 
 def test_a_retrace_names_the_function_and_the_argument_whose_shape_varied(reports):
-    (cause,) = reports["retracing.py"]["diagnosis"]["causes"]
+    report = reports["retracing.py"]
+    assert report["exit_code"] == 0, report["text"]
+    (cause,) = report["diagnosis"]["causes"]
     # 20 lengths; TensorFlow's variable-free second trace is left out.
     assert cause["function"] == "train_step" and cause["traces"] == 20
     assert set(cause["varied"]) == {"x"} and "float32[8x10x4]" in cause["varied"]["x"]

@@ -19,9 +19,11 @@ from typing import Any
 import tensorflow as tf
 from keras.utils import PyDataset, unpack_x_y_sample_weight
 
+from safetrain import _compat
 from safetrain._compat import get_data_adapter
 from safetrain.data.batches import Batches
 from safetrain.data.specs import relax_spec
+from safetrain.data.streaming import keep_with
 
 __all__ = ["kind_of", "adapter_batches", "unpack_validation_data"]
 
@@ -81,7 +83,8 @@ def adapter_batches(
             adapter = get_data_adapter(
                 x, class_weight=class_weight, shuffle=shuffle if kind != "generator" else False, steps_per_epoch=steps
             )
-            dataset = adapter.get_tf_dataset()
+            with _compat.python_functions_made() as made:  # a generator's or PyDataset's `from_generator`
+                dataset = keep_with(adapter.get_tf_dataset(), made)
         except ValueError as e:
             raise ValueError(f"{what}: invalid `x` ({kind}): {e}") from e
     num_batches = adapter.num_batches

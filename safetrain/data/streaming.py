@@ -15,11 +15,14 @@ order and converted as `fit` converts arrays (floats to `floatx`). What is read 
 from __future__ import annotations
 
 import mmap
+import weakref
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from keras import backend, tree
+
+from safetrain import _compat
 
 __all__ = ["ArrayReader", "GROUP", "READ_AHEAD_BYTES", "read_ahead", "streamable"]
 
@@ -111,6 +114,13 @@ def _copy(source, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def keep_with(dataset: tf.data.Dataset, objects: list) -> tf.data.Dataset:
+    """`dataset`, holding `objects` (the Python functions its pipeline calls) for as long as it lives, and no
+    longer: see `_compat.python_functions_made` (whose list may still be filled after this call)."""
+    weakref.finalize(dataset, objects.clear)
+    return dataset
+
+
 class ArrayReader:
     """Reads batches of rows from a structure of arrays (`(x, y, sample_weight)` as Keras packs it).
 
@@ -149,8 +159,6 @@ class ArrayReader:
 
     def expect_random_reads(self) -> None:
         """Shuffled passes read rows scattered over the arrays: memory maps are told so (no readahead)."""
-        from safetrain import _compat
-
         for a in self.arrays:
             if isinstance(a, np.memmap) or isinstance(getattr(a, "base", None), np.memmap):
                 _compat.advise_random_access(a)
@@ -237,9 +245,10 @@ class ArrayReader:
         # `unbatch`, 13 ms like this).
         read = tf.autograph.experimental.do_not_convert(read)
         positions = tf.data.Dataset.from_tensor_slices(np.array(pieces, dtype=np.int64).reshape(-1, 3))
-        ds = positions.map(read, num_parallel_calls=calls, deterministic=True)
+        with _compat.python_functions_made() as made:  # `read_piece` holds this reader and the pass's order
+            ds = positions.map(read, num_parallel_calls=calls, deterministic=True)
         ds = ds.prefetch(waiting) if waiting else ds
-        return ds.unbatch() if group > 1 else ds
+        return keep_with(ds.unbatch() if group > 1 else ds, made)
 
     def describe(self) -> str:
         where = "memory-mapped" if self.in_memory_map else "in memory"
