@@ -104,7 +104,16 @@ def test_stats_report_trainers_collections_and_their_time(fresh, no_automatic_co
     SafeTrainer(make_mlp())
     stats = reclaim.stats()
     assert stats["trainers"] == 2 and stats["collections"] == 1 and stats["collect_s"] > 0
-    assert set(stats) == {"trainers", "collections", "collect_s", "last_collect_s", "pending", "kernel_cache_clears"}
+    assert set(stats) == {
+        "trainers",
+        "collections",
+        "collect_s",
+        "last_collect_s",
+        "pending",
+        "kernel_cache_clears",
+        "frozen",
+        "not_frozen",
+    }
 
 
 # -- the eager kernel cache: cleared on its own evidence, whoever collects the garbage --------------------------
@@ -159,3 +168,53 @@ def test_the_kernel_cache_is_cleared_with_garbage_collection_disabled(cache_clea
     finally:
         gc.enable()
     assert len(cache_clears) >= 1
+
+
+# -- what the imports made is frozen, so that a collection walks only what came after ----------------------
+
+FREEZE_SCRIPT = """
+import gc, json, os, weakref
+{before}
+from safetrain import SafeTrainer, reclaim
+import keras, numpy as np
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+model.compile("adam", "mse")
+SafeTrainer(model).fit(np.ones((8, 3)), np.ones((8, 2)), verbose=0)
+ref = weakref.ref(model)
+del model
+gc.collect()
+print(json.dumps(dict(reclaim.stats(), freeze_count=gc.get_freeze_count(), model_freed=ref() is None)))
+"""
+
+
+def test_importing_safetrain_freezes_what_the_imports_made_unless_a_model_may_be_among_it():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    before = {
+        "nothing": ("", {}),
+        "a model built before": ("import keras\nearly = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])", {}),
+        "SAFETRAIN_GC_FREEZE=0": ("", {"SAFETRAIN_GC_FREEZE": "0"}),
+    }
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", FREEZE_SCRIPT.format(before=code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        )
+        for name, (code, env) in before.items()
+    }
+    out = {name: json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for name, p in procs.items()}
+    frozen = out["nothing"]
+    # (Frozen objects are still freed by reference counting: the count only goes down.)
+    assert frozen["frozen"] >= frozen["freeze_count"] > 100_000 and not frozen["not_frozen"]
+    assert out["a model built before"]["frozen"] == 0
+    assert "alive when safetrain was imported" in out["a model built before"]["not_frozen"]
+    assert out["SAFETRAIN_GC_FREEZE=0"] | {"freeze_count": 0} == out["SAFETRAIN_GC_FREEZE=0"]
+    assert out["SAFETRAIN_GC_FREEZE=0"]["not_frozen"] == "SAFETRAIN_GC_FREEZE=0"
+    # A model built after the import is young: a collection frees it, frozen or not.
+    assert all(o["model_freed"] for o in out.values())
