@@ -187,6 +187,9 @@ print(json.dumps(dict(reclaim.stats(), freeze_count=gc.get_freeze_count(), model
 """
 
 
+BUILT_BEFORE = "import keras\nearly = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])"
+
+
 def test_importing_safetrain_freezes_what_the_imports_made_unless_a_model_may_be_among_it():
     import json
     import os
@@ -195,7 +198,7 @@ def test_importing_safetrain_freezes_what_the_imports_made_unless_a_model_may_be
 
     before = {
         "nothing": ("", {}),
-        "a model built before": ("import keras\nearly = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])", {}),
+        "a model built before": (BUILT_BEFORE, {}),
         "SAFETRAIN_GC_FREEZE=0": ("", {"SAFETRAIN_GC_FREEZE": "0"}),
     }
     procs = {
