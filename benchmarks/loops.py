@@ -15,7 +15,8 @@ fold; each (pattern, width, runner) in a fresh process. Patterns (what the loop 
     per_fit         one model; a new SafeTrainer(model).fit(epochs=1) per fold ("one more epoch")
 
 Runners: `safe` (SafeTrainer(model).fit/evaluate/predict; `install` and `per_fit` are SafeTrainer by
-construction) and `fit` (model.fit, the same loop, for comparison). Reported per run: slope of RssAnon over
+construction) and `fit` (model.fit, the same loop, for comparison, in a process that never imports the
+trainer: nothing frozen). Reported per run: slope of RssAnon over
 folds 20-60 (MiB per model), its range there (max - min, MiB), median seconds per fold, and SafeTrainer's
 `reclaim.stats()` (collections, seconds collecting, kernel-cache clears).
 Targets (issue 21): every pattern, SafeTrainer: slope under 0.1 MiB/model and range at most 24 MiB, widths 64-256.
@@ -44,9 +45,11 @@ def child(pattern: str, runner: str, width: int, models: int) -> dict:
     import keras
     import numpy as np
 
-    import safetrain
-    from safetrain import SafeTrainer, reclaim
-    from safetrain.diagnostics import read_memory
+    from safetrain.diagnostics import read_memory  # does not import the trainer (nor freeze: reclaim.py)
+
+    if runner == "safe" or pattern in ("install", "per_fit"):
+        import safetrain
+        from safetrain import SafeTrainer, reclaim
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6000, 32)).astype("float32")
@@ -91,7 +94,8 @@ def child(pattern: str, runner: str, width: int, models: int) -> dict:
                 keras.backend.clear_session()
         seconds.append(time.perf_counter() - t0)
         series.append(read_memory()[1])
-    return dict(series=series, seconds=seconds, reclaim=reclaim.stats())
+    stats = reclaim.stats() if runner == "safe" else {}
+    return dict(series=series, seconds=seconds, reclaim=stats)
 
 
 def run(pattern: str, runner: str, width: int, models: int) -> dict:

@@ -11,6 +11,11 @@ Scenarios (RSS sampled after every unit; slope = least squares after a 3-unit wa
     e  a stateful LSTM over 40 epochs, state reset per epoch (unit: epoch)
     r  re-hydration time of a ~1M-parameter model (median of 5)
 
+    python benchmarks/memory.py --loops               # also models in a loop, written the ways users write it
+
+--loops runs benchmarks/loops.py's patterns (nothing between folds, gc.collect(), clear_session(), both,
+install(), a trainer per fit(epochs=1)) at widths 64, 128 and 256, 60 models each, SafeTrainer and model.fit.
+
 Target (from the issue): SafeTrainer's slope under 0.5 MiB per unit everywhere; re-hydration under 1 s.
 """
 
@@ -277,6 +282,7 @@ def main(argv=None):
     p.add_argument("--only", default="a,b,c,d,e,r")
     p.add_argument("--png", default=os.path.join("results", "memory.png"))
     p.add_argument("--json", default=os.path.join("results", "memory.json"))
+    p.add_argument("--loops", action="store_true", help="also benchmarks/loops.py's loop patterns (about 20 min)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -320,6 +326,11 @@ def main(argv=None):
     if a.png and any(r["scenario"] != "r" for r in results):
         plot([r for r in results if r["scenario"] != "r"], a.png)
         print(f"\nplot: {a.png}")
+    if a.loops:
+        import loops  # benchmarks/loops.py, beside this file
+
+        print("\nModels in a loop (benchmarks/loops.py):")
+        results.append(dict(scenario="loops", rows=loops.main(["--runners", "safe,fit"])))
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:

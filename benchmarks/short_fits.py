@@ -2,6 +2,7 @@
 
     python benchmarks/short_fits.py                          # 1, 8 and 100 steps per fit, 5 rounds of 8 fits
     python benchmarks/short_fits.py --steps 8 --rounds 3 --json results/short_fits.json
+    python benchmarks/short_fits.py --loops                  # also issue 21's loop patterns (benchmarks/loops.py)
 
 Issue 14's pattern: many small models trained one after another (k-fold, hyper-parameter search). An 8-16-1
 Dense model, batch 32, one epoch of `steps` steps. In one process, for each step count:
@@ -137,7 +138,14 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--models", type=int, default=30, help="fresh models per memory measurement")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--loops", action="store_true", help="also benchmarks/loops.py: every loop pattern, widths 64-256, 60 models"
+    )
     a = p.parse_args(argv)
+    if a.loops:
+        import loops  # benchmarks/loops.py, beside this file: time per fold and memory per model, per pattern
+
+        loops.main(["--runners", "safe,fit"])
     rows = []
     for steps in (int(s) for s in a.steps.split(",")):
         t = timings(steps, a.rounds, a.block, a.warmup)

@@ -7,30 +7,30 @@ A model trained in a loop (k-fold, hyper-parameter search, KerasTuner trials) ou
 model and a trainer's traced steps are reference cycles (layers and their trackers, graphs and their
 operations), and with the ~300k long-lived objects TensorFlow and Keras import, Python's full collection
 runs rarely. Measured on an 8-16-1 model fitted for 8 steps, 30 fresh models with no collection: anonymous
-memory +2.3 MiB per model. A full `gc.collect()` frees them, but it walks every object in the process:
-0.13-0.17 s with TensorFlow loaded, more where other code keeps graphs alive (`model.fit` in the same
-process), against 0.38 s for the whole fit.
+memory +2.3 MiB per model. A full `gc.collect()` frees them, but it walks every object the collector tracks:
+0.13-0.17 s with TensorFlow loaded, against 0.38 s for the whole fit.
 
-So the collection runs only when it can free something and has paid for itself:
+**What the imports made is frozen**, so that a collection is cheap: importing this module (which
+`SafeTrainer` does) runs `gc.freeze()` once, moving the objects alive then (TensorFlow's and Keras's, ~350k)
+out of the collector's reach, so that a full collection walks only what came after: 0.14 s -> about 15 ms in
+a loop of fresh models (Python's own advice for long-lived processes; Python's automatic collections gain
+as much). Frozen objects are still freed by reference counting; only a reference cycle among them would
+never be collected, so nothing is frozen while a Keras layer, optimizer or variable or a `tf.Module` is alive
+(a model built before safetrain was imported could otherwise never be freed), or with `SAFETRAIN_GC_FREEZE=0`.
+`stats()["frozen"]` says how many were frozen, `stats()["not_frozen"]` why none.
+
+**The collection runs only when it can free something and has paid for itself:**
 - something may be garbage: a trainer made since the last collection is still weakly referenced (one that is
   gone was freed by reference counting, so there is nothing to collect for it);
 - and one of: `PACE` times the last collection's duration has passed since it ended (collections then cost at
-  most 1/(1+PACE), 11%, of the time; a trainer whose fit takes longer than that pays for one every time, as
-  before), or `MAX_PENDING` such trainers wait (a bound on the dead models held, whatever the timing), or
-  anonymous memory grew `BUDGET_MB` since the last collection (a large model is not kept waiting).
+  most 1/(1+PACE), 11%, of the time; with the imports frozen that is nearly every trainer), or `MAX_PENDING`
+  such trainers wait (a bound in dead models, whatever the timing), or anonymous memory grew `BUDGET_MB`
+  since the last collection (the bound in MiB: a large model is not kept waiting, whatever the pacing).
 
 Dead models waiting for a collection hold memory the next ones reuse once it is freed: memory grows by the
-few that wait, once, and then stays flat. Measured on 40 fresh 8-step fits of that model, RssAnon slope per
-model after 3: a collection every trainer +0.01 MiB, every 4th +0.09 (a step of 6 MiB, then flat), every 8th
-+0.23 (a sawtooth of 16 MiB). `benchmarks/short_fits.py` measures what this pacing gives.
-
-Collections are cheap because what the imports made is frozen: importing this module (which `SafeTrainer`
-does) runs `gc.freeze()` once, moving the objects alive then (TensorFlow's and Keras's, ~300k) out of the
-collector's reach, so that a full collection walks only what came after: 0.14 s -> 2-7 ms with TensorFlow
-loaded (Python's own advice for long-lived processes, and what Python's automatic collections gain too).
-Frozen objects are still freed by reference counting; only a reference cycle among them would never be
-collected, so nothing is frozen while a Keras layer, optimizer, variable or `tf.Module` is alive (a model built
-before safetrain was imported could otherwise never be freed), or with `SAFETRAIN_GC_FREEZE=0`.
+few that wait, once, and then stays flat. Measured with `benchmarks/loops.py` (Dense 32-128-128-1, 60 fresh
+models, fit + evaluate + predict each, nothing between folds): with the collection at 0.14 s it ran for 14
+of 60 trainers, +0.134 MiB per model and a 43 MiB sawtooth; frozen, 59 of 60, 15 ms each: +0.009 and 2.6 MiB.
 
 TensorFlow's eager kernel cache is freed on its own evidence, whoever collected the garbage: each variable
 created eagerly adds an entry (about 35 KB, keyed on its unique name; 0.49 MiB for that model with Adam),

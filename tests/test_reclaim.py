@@ -1,5 +1,6 @@
 """What earlier trainers leave behind is collected when it is due, and only then (safetrain/reclaim.py)."""
 
+import contextlib
 import gc
 import weakref
 
@@ -114,6 +115,29 @@ def test_stats_report_trainers_collections_and_their_time(fresh, no_automatic_co
         "frozen",
         "not_frozen",
     }
+
+
+@pytest.mark.parametrize("loop", ["install()", "a trainer per fit"])
+def test_models_trained_under_install_or_a_trainer_per_fit_are_freed_by_later_trainers(
+    fresh, monkeypatch, no_automatic_collections, loop
+):
+    import safetrain
+
+    monkeypatch.setattr(reclaim, "MAX_PENDING", 2)
+    reclaim.collect()  # paced from here on: only the count can make one due
+    refs = []
+    with safetrain.install() if loop == "install()" else contextlib.nullcontext():
+        for _ in range(4):
+            model = make_mlp()
+            if loop == "install()":
+                model.fit(x, y, epochs=1, verbose=0)  # a trainer kept on the model: a cycle with it
+                model.evaluate(x, y, verbose=0)
+            else:
+                for _ in range(2):  # "one more epoch": a new trainer each time, on one model
+                    SafeTrainer(model).fit(x, y, epochs=1, verbose=0)
+            refs.append(weakref.ref(model))
+            del model
+    assert fresh.collections >= 2 and sum(r() is not None for r in refs) <= 2, reclaim.stats()
 
 
 # -- the eager kernel cache: cleared on its own evidence, whoever collects the garbage --------------------------
