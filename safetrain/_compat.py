@@ -72,6 +72,7 @@ __all__ = [
     "clear_kernel_cache",
     "compute_output_spec",
     "global_seed_state",
+    "drop_global_seed_state",
     "symbolic_build",
     "compile_config",
     "compile_token",
@@ -247,6 +248,13 @@ def global_seed_state():
 
     generator = global_state.get_global_attribute("global_seed_generator")
     return None if generator is None else generator.state
+
+
+def drop_global_seed_state() -> None:
+    """Forget Keras's global seed generator (as before anything drew from it): what made it is undone."""
+    from keras.src.backend.common import global_state
+
+    global_state.set_global_attribute("global_seed_generator", None)
 
 
 def make_global_seed_state():

@@ -72,6 +72,14 @@ class TrainerActions:
             self.steps.reset("train")
         self.progress.microbatch_size = int(size)
 
+    def clear_microbatch_size(self, size: int | None = None) -> None:
+        """Back to whole batches (or to microbatches of `size`) from the next step on."""
+        if size is not None:
+            self.set_microbatch_size(size)
+        elif self.progress.microbatch_size is not None:
+            self.progress.microbatch_size = None
+            self.steps.reset("train")
+
     def load_progress(self, state: Mapping[str, Any]) -> None:
         """Take counters from a snapshot or checkpoint (`TrainingProgress.state_dict()` keys), with their
         effects: the microbatch size in use, the shuffle seed of the training data."""

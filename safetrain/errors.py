@@ -111,12 +111,14 @@ class SnapshotMismatch(SafetrainError, ValueError):
 
 
 class MemoryBudgetExceeded(SafetrainError, ValueError):
-    """Resident memory went over a `MemoryBudget(action="raise")`; `.memory` holds the series so far."""
+    """Resident memory went over a `MemoryBudget(action="raise")` (`.memory` holds the series so far), or
+    `SafeTrainer(memory_budget_mb=...)` cannot fit even one sample per step (`.plan` holds the `MemoryPlan`)."""
 
-    def __init__(self, message: str, memory_log: Any, sample: Any) -> None:
+    def __init__(self, message: str, memory_log: Any = None, sample: Any = None, plan: Any = None) -> None:
         super().__init__(message)
         self.memory = memory_log
         self.sample = sample
+        self.plan = plan
 
 
 class RetraceError(SafetrainError, ValueError):

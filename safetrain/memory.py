@@ -231,8 +231,9 @@ _LIBC: Any = None  # the C library (None: not looked up yet; False: no malloc_tr
 _TRIM_WARNED = False
 
 
-def trim_malloc() -> bool:
-    """Return freed heap memory to the OS with glibc's `malloc_trim(0)`; False (and one warning) elsewhere."""
+def trim_malloc(quiet: bool = False) -> bool:
+    """Return freed heap memory to the OS with glibc's `malloc_trim(0)`; False (and, unless `quiet`, one
+    warning) elsewhere."""
     global _LIBC, _TRIM_WARNED
     if _LIBC is None:
         try:
@@ -241,7 +242,7 @@ def trim_malloc() -> bool:
         except OSError:
             _LIBC = False
     if not _LIBC:
-        if not _TRIM_WARNED:
+        if not _TRIM_WARNED and not quiet:
             _TRIM_WARNED = True
             warnings.warn(
                 f"TrimMalloc: malloc_trim is only available with glibc; it does nothing on {sys.platform}.",

@@ -81,8 +81,13 @@ class Microbatches:
             arrays = tree.map_structure(lambda a, t: a.write(i, t), arrays, y_pred)
             return i + 1, loss + share, grads, arrays
 
+        # One microbatch at a time: a slice's forward and backward pass does not depend on the previous slice,
+        # so the default (10 iterations in parallel) would hold several microbatches' activations at once.
         _, loss, summed, arrays = tf.while_loop(
-            lambda i, *_: i < count, body, (tf.constant(1), loss, [g for g in grads if g is not None], arrays)
+            lambda i, *_: i < count,
+            body,
+            (tf.constant(1), loss, [g for g in grads if g is not None], arrays),
+            parallel_iterations=1,
         )
         summed = list(summed)
         y_pred = tree.map_structure(lambda a, t: tf.ensure_shape(a.concat(), [None] + t.shape[1:]), arrays, y_pred)

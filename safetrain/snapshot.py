@@ -233,9 +233,9 @@ class Snapshot:
         self.restore_values(trainer)
         return model
 
-    def restore_values(self, trainer, metrics: bool = True, counters: bool = True) -> None:
+    def restore_values(self, trainer, metrics: bool = True, counters: bool = True, notify: bool = True) -> None:
         """Put the captured values into the trainer's current (built) model and optimizer, and (unless
-        told not to) its metric state and counters."""
+        told not to) its metric state and counters; `notify`: tell the model's hooks (`after_rehydrate`)."""
         model = trainer.model
         _assign("model.variables", model.variables, self.model_values)
         if self.optimizer_values:
@@ -248,7 +248,8 @@ class Snapshot:
             _compat.make_global_seed_state().assign(self.global_seed)
         if counters:
             trainer.load_progress(self.counters)
-        hooks.after_rehydrate(model, self)
+        if notify:
+            hooks.after_rehydrate(model, self)
 
     # -- on disk (see safetrain.checkpoint): values only; the structure comes from the user's own code ----
     def arrays(self) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from keras.callbacks import CallbackList
 
 from safetrain import _compat, distributed, memory, reclaim
 from safetrain import data as data_module
+from safetrain import plan as plan_module
 from safetrain.actions import TrainerActions
 from safetrain.checks import check_data, check_fit_arguments, check_int, reject_unknown, resolve_verbose
 from safetrain.errors import ConfigurationError
@@ -113,6 +114,13 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             `trainer.train_batches.describe()` says which was taken.
         check_inputs: refuse NaN/Inf in float inputs: arrays are scanned before training (naming the first
             bad sample), other inputs are checked inside each step (naming the batch).
+        memory_budget_mb: the most anonymous memory (RssAnon, MiB) the whole process may hold during `fit`;
+            "auto": what it holds plus what the machine (or the container's cgroup limit) still has, less a
+            margin. Before the first step the trainer plans (`plan_memory`, probes that leave no trace) and,
+            where whole batches would not fit, runs each batch as microbatches that do (the same update, up
+            to summation order; BatchNormalization sees microbatch statistics); when not even one sample
+            fits it raises `MemoryBudgetExceeded` before any step. With `verbose`, the plan is printed.
+            Default None: no plan, whole batches.
 
     Example:
         >>> model.compile(optimizer="adam", loss="mse", metrics=["mae"])
@@ -138,10 +146,12 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         oom_recovery: bool = True,
         check_inputs: bool = False,
         array_path: str = "auto",
+        memory_budget_mb: float | str | None = None,
     ) -> None:
         if steps_per_execution not in ("auto", None):
             check_int("steps_per_execution", steps_per_execution, 1)
         check_int("microbatch_size", microbatch_size, 1, allow_none=True)
+        plan_module.check_budget_argument(memory_budget_mb)
         if jit_compile == "auto":
             jit_compile = None
         if jit_compile is not None and not isinstance(jit_compile, bool):
@@ -207,6 +217,12 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.microbatches = Microbatches()
         #: The training data of the last `fit` (re-hydration and resume set its shuffle seed).
         self.train_batches: data_module.Batches | None = None
+        self.memory_budget_mb = memory_budget_mb
+        #: The `MemoryPlan` the budget was last applied with (None before; see `plan_memory`).
+        self.memory_plan: plan_module.MemoryPlan | None = None
+        self._plan_key: tuple | None = None
+        self._plan_choice: tuple[int, bool] = (0, False)
+        self.user_microbatch_size = None if microbatch_size is None else int(microbatch_size)
         if microbatch_size is not None:
             self.set_microbatch_size(int(microbatch_size))
 
@@ -322,6 +338,8 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.build(train.element_spec)
         self.train_spec = train.element_spec
         self.train_batches = train
+        if self.memory_budget_mb is not None:
+            plan_module.apply_budget(self, train, verbose)
         epochs = _limit_epochs(epochs)
         steps_per_epoch, validation_steps = _limit_steps(steps_per_epoch), _limit_steps(validation_steps)
         loop = Loop(
@@ -341,6 +359,26 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             validation_steps=validation_steps,
             validation_freq=validation_freq,
         )
+
+    def plan_memory(self, x, y=None, *, batch_size: int | None = None, sample_weight=None) -> plan_module.MemoryPlan:
+        """Predict the peak memory of `fit(x, y, batch_size=...)` from a few probe steps at smaller batch sizes.
+
+        The probes run this trainer's train step (a separate compiled copy: no trace is counted) and leave no
+        trace: weights, optimizer state, metrics, seed-generator states and `progress` are exactly as before.
+        A dataset, generator or `PyDataset` is not iterated (probe batches are zeros of its element spec);
+        `batch_size` then says how big its batches are (default: its spec's, else 32).
+
+        Example:
+            >>> plan = trainer.plan_memory(x, y, batch_size=512)
+            >>> print(plan)                                  # fixed, per sample, predicted peak (MiB)
+            >>> plan.max_batch_size(8192), plan.microbatch_size(2048)
+        """
+        self.require_compiled("plan_memory")
+        own = data_module.kind_of(x) != "arrays"  # a dataset yields its batches: `batch_size` says how big
+        size = None if own else batch_size
+        batches = self._batches(x, y, sample_weight, batch_size=size, steps=None, what="plan_memory")
+        check_data(self.model, batches, x, y, sample_weight, "plan_memory", self.check_inputs)
+        return plan_module.make_plan(self, batches, batch_size if own else None)
 
     @distributed.reports_worker_failures
     def evaluate(

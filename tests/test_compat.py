@@ -133,3 +133,11 @@ def test_python_functions_of_a_pipeline_built_eagerly_are_taken_off_the_global_g
     del ds
     gc.collect()
     assert holder() is None  # ...and no longer
+
+
+def test_the_global_seed_generator_can_be_dropped_and_made_again():
+    state = _compat.make_global_seed_state()
+    assert _compat.global_seed_state() is state
+    _compat.drop_global_seed_state()
+    assert _compat.global_seed_state() is None
+    assert _compat.make_global_seed_state() is not None  # Keras makes a new one on next use

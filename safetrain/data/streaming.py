@@ -38,10 +38,10 @@ GROUP = 16
 READ_AHEAD_BYTES = 64 * 2**20
 
 
-def read_ahead(batch_bytes: int) -> tuple[int, int, int]:
+def read_ahead(batch_bytes: int, limit: int = READ_AHEAD_BYTES) -> tuple[int, int, int]:
     """(batches per Python call, calls in flight, calls waiting) for batches of `batch_bytes` bytes as produced:
-    four calls' batches fit in `READ_AHEAD_BYTES` where they can, and at least one batch is read while a step
-    runs.
+    four calls' batches fit in `limit` (`READ_AHEAD_BYTES`) where they can, and at least one batch is read while
+    a step runs (`limit=0`: one batch at a time, one call in flight, the least a pipeline holds).
 
     Example:
         >>> read_ahead(2**20)          # 4 KiB rows, batch 256: 16 batches per call, 2 in flight, 2 waiting
@@ -50,8 +50,8 @@ def read_ahead(batch_bytes: int) -> tuple[int, int, int]:
         (1, 1, 0)
     """
     batch_bytes = max(1, batch_bytes)
-    group = max(1, min(GROUP, READ_AHEAD_BYTES // (4 * batch_bytes)))
-    calls = max(1, min(4, READ_AHEAD_BYTES // (group * batch_bytes)))
+    group = max(1, min(GROUP, limit // (4 * batch_bytes)))
+    calls = max(1, min(4, limit // (group * batch_bytes)))
     return group, min(2, calls), calls - min(2, calls)
 
 
@@ -140,6 +140,8 @@ class ArrayReader:
         self.num_samples = int(self.arrays[0].shape[0])
         self._in_ram = [self.in_ram(a) for a in self.arrays]  # gathered in one go; the others in sorted order
         self._flat_template = flat
+        #: bytes read ahead of the step (see `read_ahead`); a memory budget may lower it
+        self.read_ahead_bytes = READ_AHEAD_BYTES
         specs = list(flat)
         for slot, a, dt in zip(self._slots, self.arrays, self.dtypes):
             specs[slot] = tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(dt))
@@ -213,7 +215,7 @@ class ArrayReader:
         (the last one may be smaller)."""
         n = self.num_samples if order is None else int(order.size)
         row_bytes = sum(int(np.prod(a.shape[1:])) * dt.itemsize for a, dt in zip(self.arrays, self.dtypes))
-        group, calls, waiting = read_ahead(batch_size * row_bytes)
+        group, calls, waiting = read_ahead(batch_size * row_bytes, self.read_ahead_bytes)
         full = (n // batch_size) * batch_size
         grouped = (full // (group * batch_size)) * group * batch_size
         # The pass as pieces (first position, batches, rows per batch): `group` batches each, then the other

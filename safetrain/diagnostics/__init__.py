@@ -30,7 +30,18 @@ A record is a dict:
 
 from __future__ import annotations
 
-from safetrain.diagnostics.measure import census, census_growth, read_memory, slope
+from safetrain.diagnostics.measure import PeakMemory, census, census_growth, read_memory, slope
 from safetrain.diagnostics.rules import CAUSES, FIXES, WARNINGS, diagnose, retraced
 
-__all__ = ["CAUSES", "WARNINGS", "FIXES", "read_memory", "slope", "census", "census_growth", "diagnose", "retraced"]
+__all__ = [
+    "CAUSES",
+    "WARNINGS",
+    "FIXES",
+    "read_memory",
+    "PeakMemory",
+    "slope",
+    "census",
+    "census_growth",
+    "diagnose",
+    "retraced",
+]

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["read_memory", "slope", "census", "census_growth"]
+__all__ = ["read_memory", "PeakMemory", "slope", "census", "census_growth"]
 
 _TENSOR_TYPES = frozenset({"EagerTensor", "ResourceVariable", "UninitializedVariable"})
 # Tracked objects whose own size can grow with what they hold; other objects' own sizes are small and fixed.
@@ -46,6 +46,76 @@ def read_memory() -> tuple[float, float]:
 
         rss = psutil.Process().memory_info().rss / 2**20
         return rss, rss
+
+
+def _status_kib(*keys: str) -> dict[str, int] | None:
+    """Fields of `/proc/self/status` in KiB (None where there is no `/proc`)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            lines = f.read().decode("ascii", "replace").splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in keys:
+            out[name] = int(rest.split()[0])
+    return out if len(out) == len(keys) else None
+
+
+class PeakMemory:
+    """The peak anonymous memory (MiB) of this process during a block, short spikes included.
+
+    The kernel's high-water mark of resident memory is reset on entry (`/proc/self/clear_refs`); on exit the
+    peak is that mark less the file-backed and shared pages resident then (which a training step does not
+    make). Where the mark cannot be reset, a thread reads anonymous memory every `interval` seconds instead.
+    Either way the peak is at least the anonymous memory on entry and on exit.
+
+    Example:
+        >>> with PeakMemory() as peak:
+        ...     model.train_on_batch(x, y)
+        >>> peak.mb
+        812.4
+    """
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.mb = 0.0
+        self.exact = False  # True: from the kernel's reset high-water mark, not from samples
+        self._thread: Any = None
+        self._stop: Any = None
+
+    def __enter__(self) -> PeakMemory:
+        self.mb = read_memory()[1]
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM, the peak resident set size
+            self.exact = _status_kib("VmHWM", "RssFile", "RssShmem") is not None
+        except OSError:
+            self.exact = False
+        if not self.exact:
+            import threading
+
+            self._stop = threading.Event()
+
+            def sample() -> None:
+                while not self._stop.wait(self.interval):
+                    self.mb = max(self.mb, read_memory()[1])
+
+            self._thread = threading.Thread(target=sample, name="safetrain-peak", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.mb = max(self.mb, read_memory()[1])
+        if self.exact:
+            status = _status_kib("VmHWM", "RssFile", "RssShmem")
+            if status is not None:
+                self.mb = max(self.mb, (status["VmHWM"] - status["RssFile"] - status["RssShmem"]) / 1024)
 
 
 def slope(values: Sequence[float], xs: Sequence[float] | None = None) -> float:
