@@ -18,6 +18,12 @@ atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two test processes share 2 cores (pytest-xdist), beside the processes some tests start: one thread per
+# operation each, so that TensorFlow's thread pools do not fight over the cores (a 1.5 s test took 60 s
+# beside a busy neighbour). The models here are small; numbers are compared within one process.
+tf.config.threading.set_intra_op_parallelism_threads(1)
 
 from safetrain import SafeTrainer  # noqa: E402
 
