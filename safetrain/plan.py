@@ -495,7 +495,14 @@ def apply_budget(trainer, batches, verbose: int = 0) -> MemoryPlan:
     numbers, when not even one sample fits."""
     budget = resolve_budget(trainer.memory_budget_mb)
     assert budget is not None
-    key = (id(trainer.model), relax_spec(batches.element_spec), batches.batch_size, trainer.rehydrations, round(budget))
+    # The argument, not its value: "auto" resolves to a slightly different number each time.
+    key = (
+        id(trainer.model),
+        relax_spec(batches.element_spec),
+        batches.batch_size,
+        trainer.rehydrations,
+        trainer.memory_budget_mb,
+    )
     if trainer._plan_key == key:
         plan, (size, least) = trainer.memory_plan, trainer._plan_choice
     else:

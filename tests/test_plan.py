@@ -268,3 +268,12 @@ def test_probe_sizes_end_at_the_batch_size():
     assert plan.probe_sizes(3) == [1, 3]
     assert plan.probe_sizes(1) == [1]
     assert dataclasses.is_dataclass(plan.MemoryPlan)
+
+
+def test_auto_plans_once_for_the_same_input():
+    trainer = SafeTrainer(make_mlp(), memory_budget_mb="auto")
+    trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    first = trainer.memory_plan
+    trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    assert first is not None and trainer.memory_plan is first  # "auto" resolves a little differently each time
+    assert trainer.progress.microbatch_size is None
