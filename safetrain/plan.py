@@ -337,12 +337,7 @@ class _Probes:
             if microbatch is None:
 
                 def method():  # the one-piece step: microbatching would hide what a sample costs
-                    saved = trainer.progress.microbatch_size
-                    trainer.progress.microbatch_size = None
-                    try:
-                        return trainer.step_method("train")
-                    finally:
-                        trainer.progress.microbatch_size = saved
+                    return trainer.step_method("train", microbatched=False)
 
             else:
                 pieces = Microbatches()
@@ -386,13 +381,14 @@ def make_plan(trainer, batches, batch_size: int | None = None, budget_mb: float 
     t0 = time.perf_counter()
     batch_size = int(batch_size or batches.batch_size or _first_dim(batches.step_spec) or 32)
     trainer.build(batches.element_spec)
-    row_mb = _row_bytes(relax_spec(batches.element_spec)) / 2**20
+    row_bytes = _row_bytes(relax_spec(batches.element_spec))
+    row_mb = row_bytes / 2**20
     points: list[tuple[int, float]] = []
     device_points: list[tuple[int, float]] = []
     with _Probes(trainer, batches) as probes:
         limit_mb = None
         if budget_mb is not None:
-            least = _pipeline_mb(batches, batch_size, int(row_mb * 2**20), limit=0)
+            least = _pipeline_mb(batches, batch_size, row_bytes, limit=0)
             room = max(0.0, budget_mb - probes.base_mb - MARGIN_FIXED_MB - least)
             limit_mb = probes.base_mb + PROBE_SHARE * room
         started = time.perf_counter()
@@ -422,7 +418,6 @@ def make_plan(trainer, batches, batch_size: int | None = None, budget_mb: float 
     if device_points:
         d_intercept, device_per = _line(device_points, 0.0)
         device_peak = d_intercept + device_per * batch_size
-    row_bytes = int(row_mb * 2**20)
     return MemoryPlan(
         batch_size=batch_size,
         base_mb=probes.base_mb,

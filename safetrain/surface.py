@@ -70,10 +70,11 @@ class StepSurface:
                 "SafeTrainer(model, ...)."
             )
 
-    def step_method(self, kind: str) -> Callable:
-        """The Python step to compile for `kind`: the trainer's override, else the model's, else ours."""
+    def step_method(self, kind: str, microbatched: bool = True) -> Callable:
+        """The Python step to compile for `kind`: the trainer's override, else the model's, else ours; the
+        microbatched train step when a microbatch size is set (unless `microbatched=False`: the one-piece step)."""
         name = f"{kind}_step"
-        if kind == "train" and self.progress.microbatch_size is not None:
+        if kind == "train" and microbatched and self.progress.microbatch_size is not None:
             if self.has_custom("train_step"):
                 raise ConfigurationError(
                     "microbatching (microbatch_size=, or recovery from running out of memory) "
