@@ -41,6 +41,7 @@ class TrainerActions:
     policies: PolicyList
     steps: Steps
     microbatches: Microbatches
+    inference_slices: dict[str, Microbatches]
     callbacks: CallbackList | None
     strategy: Any
     train_batches: Batches | None
@@ -78,7 +79,20 @@ class TrainerActions:
             self.set_microbatch_size(size)
         elif self.progress.microbatch_size is not None:
             self.progress.microbatch_size = None
+            self.microbatches.clear()
             self.steps.reset("train")
+
+    def set_slice_size(self, kind: str, size: int | None) -> None:
+        """Run the `kind` ("test" or "predict") step on slices of `size` samples of each batch, outputs put
+        back together (what a memory budget does where whole batches would not fit); None: whole batches."""
+        slices = self.inference_slices[kind]
+        if size is None:
+            rebuild = slices.clear()
+        else:
+            check_int("size", size, 1)
+            rebuild = slices.set_size(size)
+        if rebuild:
+            self.steps.reset(kind)
 
     def load_progress(self, state: Mapping[str, Any]) -> None:
         """Take counters from a snapshot or checkpoint (`TrainingProgress.state_dict()` keys), with their

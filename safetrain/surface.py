@@ -45,6 +45,7 @@ class StepSurface:
     model: keras.Model
     progress: TrainingProgress
     microbatches: Microbatches
+    inference_slices: dict[str, Microbatches]
     steps: Steps
     strategy: Any
 
@@ -72,8 +73,12 @@ class StepSurface:
 
     def step_method(self, kind: str, microbatched: bool = True) -> Callable:
         """The Python step to compile for `kind`: the trainer's override, else the model's, else ours; the
-        microbatched train step when a microbatch size is set (unless `microbatched=False`: the one-piece step)."""
+        microbatched train step when a microbatch size is set, the sliced test or predict step when a slice size
+        is (unless `microbatched=False`: the one-piece step)."""
         name = f"{kind}_step"
+        slices = self.inference_slices.get(kind)
+        if microbatched and slices is not None and slices.size is not None and not self.has_custom(name):
+            return functools.partial(getattr(slices, name), self)
         if kind == "train" and microbatched and self.progress.microbatch_size is not None:
             if self.has_custom("train_step"):
                 raise ConfigurationError(

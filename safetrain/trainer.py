@@ -215,13 +215,16 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.last_rehydration_seconds: float | None = None
         self.oom_events: list[dict] = []
         self.microbatches = Microbatches()
+        #: slices of evaluation and prediction batches, set by a memory budget (`set_slice_size`)
+        self.inference_slices = {"test": Microbatches(), "predict": Microbatches()}
         #: The training data of the last `fit` (re-hydration and resume set its shuffle seed).
         self.train_batches: data_module.Batches | None = None
         self.memory_budget_mb = memory_budget_mb
         #: The `MemoryPlan` the budget was last applied with (None before; see `plan_memory`).
         self.memory_plan: plan_module.MemoryPlan | None = None
-        self._plan_key: tuple | None = None
-        self._plan_choice: tuple[int, bool] = (0, False)
+        #: The plan of each step kind ("train", "test", "predict") the budget was last applied with.
+        self.memory_plans: dict[str, plan_module.MemoryPlan] = {}
+        self.plan_state: dict[str, tuple] = {}  # kind -> (what the plan was made for, (slice size, least))
         self.user_microbatch_size = None if microbatch_size is None else int(microbatch_size)
         if microbatch_size is not None:
             self.set_microbatch_size(int(microbatch_size))
@@ -339,7 +342,10 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         self.train_spec = train.element_spec
         self.train_batches = train
         if self.memory_budget_mb is not None:
-            plan_module.apply_budget(self, train, verbose)
+            plan = plan_module.apply_budget(self, train, verbose)
+            piece = self.progress.microbatch_size or plan.batch_size
+            if val is not None and (plan_module.batch_size_of(val) or 0) > piece:
+                plan_module.apply_budget(self, val, verbose, kind="test")  # bigger than the steps planned
         epochs = _limit_epochs(epochs)
         steps_per_epoch, validation_steps = _limit_steps(steps_per_epoch), _limit_steps(validation_steps)
         loop = Loop(
@@ -360,25 +366,35 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             validation_freq=validation_freq,
         )
 
-    def plan_memory(self, x, y=None, *, batch_size: int | None = None, sample_weight=None) -> plan_module.MemoryPlan:
-        """Predict the peak memory of `fit(x, y, batch_size=...)` from a few probe steps at smaller batch sizes.
+    def plan_memory(
+        self, x, y=None, *, batch_size: int | None = None, sample_weight=None, step: str = "train"
+    ) -> plan_module.MemoryPlan:
+        """Predict the peak memory of `fit(x, y, batch_size=...)` from a few probe steps at smaller batch sizes
+        (`step="test"`: of `evaluate`; `step="predict"`: of `predict(x)`, with the array its outputs fill).
 
-        The probes run this trainer's train step (a separate compiled copy: no trace is counted) and leave no
-        trace: weights, optimizer state, metrics, seed-generator states and `progress` are exactly as before.
-        A dataset, generator or `PyDataset` is not iterated (probe batches are zeros of its element spec);
+        The probes run this trainer's step (a separate compiled copy: no trace is counted) and leave no trace:
+        weights, optimizer state, metrics, seed-generator states and `progress` are exactly as before. A
+        dataset, generator or `PyDataset` is not iterated (probe batches are zeros of its element spec);
         `batch_size` then says how big its batches are (default: its spec's, else 32).
 
         Example:
             >>> plan = trainer.plan_memory(x, y, batch_size=512)
             >>> print(plan)                                  # fixed, per sample, predicted peak (MiB)
             >>> plan.max_batch_size(8192), plan.microbatch_size(2048)
+            >>> trainer.plan_memory(x, batch_size=8192, step="predict").peak_mb
         """
-        self.require_compiled("plan_memory")
+        if step not in plan_module.KINDS:
+            raise ValueError(f"`step` must be one of {plan_module.KINDS}, got {step!r}.")
+        if step != "predict":
+            self.require_compiled("plan_memory")
         own = data_module.kind_of(x) != "arrays"  # a dataset yields its batches: `batch_size` says how big
         size = None if own else batch_size
+        if step == "predict":
+            y = sample_weight = None
         batches = self._batches(x, y, sample_weight, batch_size=size, steps=None, what="plan_memory")
-        check_data(self.model, batches, x, y, sample_weight, "plan_memory", self.check_inputs)
-        return plan_module.make_plan(self, batches, batch_size if own else None)
+        if step != "predict":
+            check_data(self.model, batches, x, y, sample_weight, "plan_memory", self.check_inputs)
+        return plan_module.make_plan(self, batches, batch_size if own else None, kind=step)
 
     @distributed.reports_worker_failures
     def evaluate(
@@ -407,6 +423,8 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         batches = self._batches(x, y, sample_weight, batch_size=batch_size, steps=steps, what="evaluate")
         check_data(self.model, batches, x, y, sample_weight, "evaluate", self.check_inputs)
         self.build(batches.element_spec)
+        if self.memory_budget_mb is not None:
+            plan_module.apply_budget(self, batches, verbose, kind="test")
         steps = _limit_steps(steps)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)
         try:
@@ -445,6 +463,8 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         verbose = resolve_verbose(verbose)
         batches = self._batches(x, batch_size=batch_size, steps=steps, what="predict")
         self.build(batches.element_spec, training=False)
+        if self.memory_budget_mb is not None:
+            plan_module.apply_budget(self, batches, verbose, kind="predict")
         steps = _limit_steps(steps)
         loop = Loop(self, callbacks, verbose=verbose, steps=steps or batches.num_batches)
         try:

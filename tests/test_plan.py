@@ -160,8 +160,8 @@ def test_a_budget_runs_microbatches_with_the_numbers_of_whole_batches(monkeypatc
     # The plan is made deterministic here (real probes vary by some MiB from run to run): the budget's choice
     # and the training it runs are what is tested.
     synthetic = _synthetic(batch_size=64, base_mb=100.0, fixed_mb=10.0, pipeline_mb=4.0, least_pipeline_mb=1.0)
-    monkeypatch.setattr(plan, "make_plan", lambda trainer, batches, budget_mb=None: synthetic)
-    monkeypatch.setattr(plan, "check_microbatches", lambda trainer, batches, p, budget, size, least: size)
+    monkeypatch.setattr(plan.budget, "make_plan", lambda trainer, batches, budget_mb=None, kind="train": synthetic)
+    monkeypatch.setattr(plan.budget, "check_microbatches", lambda trainer, batches, p, budget, size, least: size)
     budget = synthetic.predict(microbatch_size=16, least_pipeline=True)
     budget += synthetic.margin_mb(budget) + 0.5
     size, least = synthetic.choose(budget)
@@ -180,9 +180,9 @@ def test_a_budget_runs_microbatches_with_the_numbers_of_whole_batches(monkeypatc
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-def _budget_fit(mode: str) -> dict:
+def _budget_fit(mode: str, run: str = "fit") -> dict:
     script = os.path.join(os.path.dirname(__file__), "scripts", "budget_fit.py")
-    out = subprocess.run([sys.executable, script, mode], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, script, mode, run], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -200,12 +200,92 @@ def test_under_a_real_budget_the_peak_stays_under_it_with_the_numbers_of_whole_b
     assert "memory_budget_mb" in refused["refused"] and refused["iterations"] == 0
 
 
+def test_under_a_real_budget_predict_peaks_under_it_with_the_same_outputs():
+    free = _budget_fit("free", "predict")
+    budgeted = _budget_fit(str((free["peak"] - free["base"]) / 2), "predict")
+    assert 0 < budgeted["microbatch"] < 256
+    assert budgeted["peak"] <= budgeted["budget"]
+    np.testing.assert_allclose(budgeted["loss"], free["loss"], rtol=1e-6)
+
+
+def test_sliced_evaluate_and_predict_give_the_numbers_of_whole_batches():
+    model = make_cnn()
+    sliced, plain = SafeTrainer(model), SafeTrainer(model)
+    sliced.set_slice_size("test", 7)  # batches of 32 in slices of 7, 7, 7, 7, 4
+    sliced.set_slice_size("predict", 7)
+    weights = np.ones((256,), np.float32) + np.arange(256) % 3
+    for a, b in [
+        (sliced.evaluate(xi, yi, batch_size=32, verbose=0), plain.evaluate(xi, yi, batch_size=32, verbose=0)),
+        (
+            sliced.evaluate(xi, yi, sample_weight=weights, batch_size=32, verbose=0),
+            plain.evaluate(xi, yi, sample_weight=weights, batch_size=32, verbose=0),
+        ),
+        (sliced.predict(xi, batch_size=32, verbose=0), plain.predict(xi, batch_size=32, verbose=0)),
+    ]:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert sliced.inference_slices["test"].size == 7
+    traces = sliced.trace_counts["predict"]
+    sliced.set_slice_size("predict", 5)  # the size lives in a variable: no new trace
+    np.testing.assert_allclose(sliced.predict(xi, batch_size=32, verbose=0), plain.predict(xi, verbose=0), atol=1e-6)
+    assert sliced.trace_counts["predict"] == traces
+    sliced.set_slice_size("predict", None)
+    assert sliced.trace_counts["predict"] == 0  # back to the one-piece step, traced again at its next use
+
+
+def test_a_budget_slices_evaluate_and_predict_where_whole_batches_would_not_fit(monkeypatch, capsys):
+    synthetic = {
+        kind: _synthetic(batch_size=64, base_mb=100.0, fixed_mb=10.0, pipeline_mb=4.0, least_pipeline_mb=1.0, kind=kind)
+        for kind in ("test", "predict")
+    }
+    made = []
+
+    def make(trainer, batches, budget_mb=None, kind="train"):
+        made.append(kind)
+        return synthetic[kind]
+
+    monkeypatch.setattr(plan.budget, "make_plan", make)
+    monkeypatch.setattr(plan.budget, "check_microbatches", lambda trainer, batches, p, budget, size, least: size)
+    budget = synthetic["test"].predict(microbatch_size=16, least_pipeline=True)
+    budget += synthetic["test"].margin_mb(budget) + 0.5
+    model = make_mlp()
+    trainer, plain = SafeTrainer(model, memory_budget_mb=budget), SafeTrainer(model)
+    np.testing.assert_allclose(
+        trainer.evaluate(x, y, batch_size=64, verbose=1), plain.evaluate(x, y, batch_size=64, verbose=0), rtol=1e-6
+    )
+    assert "Memory plan for evaluation batches of 64" in capsys.readouterr().out
+    np.testing.assert_allclose(
+        trainer.predict(x, batch_size=64, verbose=0), plain.predict(x, batch_size=64, verbose=0), rtol=1e-6
+    )
+    assert made == ["test", "predict"]
+    assert trainer.inference_slices["test"].size == trainer.inference_slices["predict"].size == 16
+    assert trainer.memory_plans["predict"] is synthetic["predict"] and trainer.memory_plan is None
+
+    class Custom(SafeTrainer):
+        def predict_step(self, data):
+            return super().predict_step(data)
+
+    with pytest.raises(MemoryBudgetExceeded, match="overrides predict_step"):
+        Custom(model, memory_budget_mb=budget).predict(x, batch_size=64, verbose=0)
+
+
+def test_plan_memory_of_predict_counts_the_outputs_and_leaves_no_trace():
+    trainer = SafeTrainer(make_cnn())
+    before = _state(trainer)
+    result = trainer.plan_memory(xi, batch_size=64, step="predict")
+    _assert_same_state(before, _state(trainer))
+    assert result.kind == "predict" and result.batch_size == 64
+    assert result.outputs_mb == pytest.approx(len(xi) * 4 * 4 / 2**20, rel=0.01)  # 4 float32 outputs per sample
+    assert result.peak_mb > result.base_mb
+    with pytest.raises(ValueError, match="step"):
+        trainer.plan_memory(xi, step="fit")
+
+
 def test_a_budget_that_whole_batches_fit_changes_nothing(capsys):
     trainer = SafeTrainer(make_mlp(), memory_budget_mb=10**6)
     history = trainer.fit(x, y, batch_size=32, epochs=2, verbose=1).history
     assert trainer.progress.microbatch_size is None
     assert trainer.memory_plan is not None and trainer.memory_plan.batch_size == 32
-    assert "Memory plan for batches of 32" in capsys.readouterr().out  # shown with verbose
+    assert "Memory plan for training batches of 32" in capsys.readouterr().out  # shown with verbose
     reference = SafeTrainer(make_mlp()).fit(x, y, batch_size=32, epochs=2, verbose=0).history
     assert history == reference
     trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)
@@ -229,7 +309,7 @@ def test_a_budget_not_even_one_sample_fits_is_refused_before_any_step():
 
 def test_a_budget_needing_microbatches_is_refused_for_a_custom_train_step(monkeypatch):
     synthetic = _synthetic(batch_size=64, base_mb=100.0, fixed_mb=10.0, pipeline_mb=4.0, least_pipeline_mb=1.0)
-    monkeypatch.setattr(plan, "make_plan", lambda trainer, batches, budget_mb=None: synthetic)
+    monkeypatch.setattr(plan.budget, "make_plan", lambda trainer, batches, budget_mb=None, kind="train": synthetic)
 
     class Custom(SafeTrainer):
         def train_step(self, data):

@@ -61,6 +61,29 @@ def test_microbatches_give_the_full_batch_update_up_to_summation_order():
     assert_same(full, fit(full), micro, fit(micro), atol=1e-6)
 
 
+def test_microbatches_of_an_embedding_keep_its_sparse_gradient():
+    # Keras's optimizers update only the rows a sparse (IndexedSlices) gradient lists: summed dense, the moments
+    # of every other row would decay too, and training would differ from whole batches.
+    def embedding_model():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((6,), dtype="int32"),
+                keras.layers.Embedding(500, 8),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        return model
+
+    tokens = np.random.default_rng(0).integers(0, 500, (96, 6))
+    full, micro = SafeTrainer(embedding_model()), SafeTrainer(embedding_model(), microbatch_size=7)
+    h1 = full.fit(tokens, y[:96], batch_size=32, epochs=2, verbose=0).history
+    h2 = micro.fit(tokens, y[:96], batch_size=32, epochs=2, verbose=0).history
+    assert_same(full, h1, micro, h2, atol=1e-6)
+
+
 def test_oom_on_the_first_batch_halves_until_it_fits_and_matches_that_size_from_the_start():
     trainer = SafeTrainer(build(), memory_logs=True)
     faults.simulate_oom_above(trainer, 8)

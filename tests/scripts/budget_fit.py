@@ -1,8 +1,11 @@
-"""A fit of a small image CNN in a fresh process, for the memory-budget tests: `python budget_fit.py MODE`.
+"""A fit of a small image CNN in a fresh process, for the memory-budget tests: `python budget_fit.py MODE [RUN]`.
 
 MODE "free": no budget; prints the anonymous memory before `fit` and the peak during it. MODE a number: a
 budget of that many MiB over the anonymous memory before `fit` (`memory_budget_mb`); prints the same, and
 the microbatch size the budget chose. One JSON line on stdout either way, with the History's losses.
+RUN "predict" or "evaluate": the same for `predict` (a checksum of the outputs) or `evaluate` (the loss) of
+the untrained model (predict: on the images twice, in batches of 512; evaluate: batches of 256), and the
+slice size the budget chose.
 """
 
 import json
@@ -31,14 +34,26 @@ model = keras.Sequential(
 )
 model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 mode = sys.argv[1]
+run = sys.argv[2] if len(sys.argv) > 2 else "fit"
 base = read_memory()[1]
 budget = None if mode == "free" else base + float(mode)
 trainer = SafeTrainer(model, memory_budget_mb=budget)
 out = dict(base=base, budget=budget)
 try:
-    with PeakMemory() as peak:
-        history = trainer.fit(x, y, batch_size=128, epochs=2, verbose=0)
-    out.update(peak=peak.mb, loss=history.history["loss"], microbatch=trainer.progress.microbatch_size)
+    if run == "fit":
+        with PeakMemory() as peak:
+            history = trainer.fit(x, y, batch_size=128, epochs=2, verbose=0)
+        out.update(peak=peak.mb, loss=history.history["loss"], microbatch=trainer.progress.microbatch_size)
+    elif run == "predict":
+        with PeakMemory() as peak:
+            outputs = trainer.predict(np.concatenate([x, x]), batch_size=512, verbose=0)
+        out.update(
+            peak=peak.mb, loss=[float(np.abs(outputs).sum())], microbatch=trainer.inference_slices["predict"].size
+        )
+    else:
+        with PeakMemory() as peak:
+            loss = trainer.evaluate(x, y, batch_size=256, verbose=0)
+        out.update(peak=peak.mb, loss=[float(loss)], microbatch=trainer.inference_slices["test"].size)
 except MemoryBudgetExceeded as e:
     out.update(refused=str(e), iterations=int(model.optimizer.iterations))
 print(json.dumps(out))
