@@ -34,6 +34,7 @@ _EXPORTS = {
             "WorkerFailure",
             "IsolatedProcessError",
             "RemoteTraceback",
+            "TrainingPreempted",
         )
     },
     "run_isolated": "isolation",
@@ -133,5 +134,6 @@ __all__ = [
     "doctor",
     "plots",
     "RemoteTraceback",
+    "TrainingPreempted",
     "__version__",
 ]

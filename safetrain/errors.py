@@ -31,6 +31,7 @@ __all__ = [
     "WorkerFailure",
     "IsolatedProcessError",
     "RemoteTraceback",
+    "TrainingPreempted",
     "step_error",
 ]
 
@@ -154,6 +155,17 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f"\n\n(traceback in the isolated process)\n{self.text}"
+
+
+class TrainingPreempted(SystemExit):
+    """`fit` stopped for SIGTERM (a scheduler's preemption): the step in flight finished, a checkpoint of
+    that step was written where a `Checkpoint` policy is set (`checkpoint`: its path, or None), callbacks and
+    policies heard `on_train_end`. A `SystemExit` with status 143 (128 + SIGTERM), which schedulers read as
+    stopped by SIGTERM; catch it to do more before exiting."""
+
+    def __init__(self, code: int, checkpoint: str | None = None) -> None:
+        super().__init__(code)
+        self.checkpoint = checkpoint
 
 
 # -- control flow inside the loop (not errors: how a pass, an epoch or a run ends) ------------------------

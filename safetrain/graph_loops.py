@@ -52,12 +52,20 @@ def all_finite(outputs):
     return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
-def make_loop(step, spec, watch_nonfinite: bool = False, on_trace: Callable[[], None] = lambda: None):
+def make_loop(
+    step,
+    spec,
+    watch_nonfinite: bool = False,
+    on_trace: Callable[[], None] = lambda: None,
+    stop: tf.Variable | None = None,
+):
     """Up to `n` steps on batches from an iterator in one graph; returns `(steps_run, last outputs)`.
 
     With `watch_nonfinite` the loop also stops right after a step whose float scalar outputs (the loss)
-    are NaN or infinite. Single-device inputs only: the step's output spec comes from its concrete
-    function, so the loop carries plain tensors (zeros until the first step), one `cond` per step. Measured
+    are NaN or infinite; with `stop` (a boolean variable), it runs no further step once `stop` is True (a
+    signal's stop request, set from another thread while the loop runs). Single-device inputs only: the
+    step's output spec comes from its concrete function, so the loop carries plain tensors (zeros until the
+    first step), one `cond` per step. Measured
     faster than carrying the outputs as an Optional (Keras's pattern, which distributed inputs would need;
     those take `make_distributed_loop`): safe/floor 0.95 vs 0.80 on the MLP.
     """
@@ -77,11 +85,12 @@ def make_loop(step, spec, watch_nonfinite: bool = False, on_trace: Callable[[], 
 
             return tf.cond(nxt.has_value(), run, lambda: (i, tf.constant(True), outputs))
 
+        def more(i, done, _):
+            go = tf.logical_and(i < n, tf.logical_not(done))
+            return go if stop is None else tf.logical_and(go, tf.logical_not(stop.read_value()))
+
         i, _, outputs = tf.while_loop(
-            lambda i, done, _: tf.logical_and(i < n, tf.logical_not(done)),
-            body,
-            (tf.constant(0), tf.constant(False), init),
-            shape_invariants=invariants,
+            more, body, (tf.constant(0), tf.constant(False), init), shape_invariants=invariants
         )
         return i, outputs
 

@@ -16,6 +16,7 @@ Example (what `SafeTrainer.fit` does once its arguments are checked):
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -25,7 +26,7 @@ import tensorflow as tf
 from keras import tree
 from keras.callbacks import CallbackList
 
-from safetrain import _compat, distributed, microbatch
+from safetrain import _compat, distributed, microbatch, preemption
 from safetrain.data import Batches
 from safetrain.epochs import EpochIterator
 from safetrain.errors import StopPass, StopTraining, step_error
@@ -95,6 +96,7 @@ class Loop:
         # A callback may call evaluate/predict inside a fit: that inner run must leave the fit's state alone.
         self._outer = (trainer.callbacks, trainer.progress.position)
         self._fitting = False
+        self.signals = preemption.SignalWatch()  # active while `fit` runs (SIGTERM and SIGINT at step boundaries)
 
     # -- fit --------------------------------------------------------------------------------------------------
     def fit(
@@ -116,28 +118,35 @@ class Loop:
         trainer.progress.epochs_target = epochs
         trainer.callbacks = self.callbacks
         logs = None
+        stopped: preemption.Interrupted | None = None
+        saved = None
         try:
             try:
+                self.signals.__enter__()
                 events.train_begin()
                 start, resume = self._starting_point(initial_epoch)
                 trainer.progress.position = data.position
                 with catch_stop(StopTraining):
-                    for epoch in range(start, epochs):
-                        trainer.progress.epoch = epoch
-                        if resume is None or resume.epoch_steps == 0:
-                            trainer.model.reset_metrics()  # a resumed half epoch keeps its metric state
-                        events.epoch_begin(epoch)
-                        if resume is not None and resume.pass_batches:
-                            data.resume(epoch, resume)
-                        else:
-                            data.start(epoch)
-                        resume = None
-                        logs = self.train_epoch(data, epoch, first=epoch == start)
-                        if val is not None and _due(epoch, validation_freq):
-                            logs.update({f"val_{k}": v for k, v in self.evaluate(val, validation_steps).items()})
-                        logs = self.epoch_end(epoch, logs)
-                        if trainer.model.stop_training:
-                            raise StopTraining
+                    try:
+                        for epoch in range(start, epochs):
+                            trainer.progress.epoch = epoch
+                            if resume is None or resume.epoch_steps == 0:
+                                trainer.model.reset_metrics()  # a resumed half epoch keeps its metric state
+                            events.epoch_begin(epoch)
+                            if resume is not None and resume.pass_batches:
+                                data.resume(epoch, resume)
+                            else:
+                                data.start(epoch)
+                            resume = None
+                            logs = self.train_epoch(data, epoch, first=epoch == start)
+                            if val is not None and _due(epoch, validation_freq):
+                                logs.update({f"val_{k}": v for k, v in self.evaluate(val, validation_steps).items()})
+                            logs = self.epoch_end(epoch, logs)
+                            self.check_signals()
+                            if trainer.model.stop_training:
+                                raise StopTraining
+                    except preemption.Interrupted as interrupted:
+                        stopped, saved = interrupted, self.save_on_signal(interrupted.signum)
                 model = trainer.model
                 if isinstance(model.optimizer, keras.optimizers.Optimizer) and epochs > 0:
                     model.optimizer.finalize_variable_values(model.trainable_weights)
@@ -146,7 +155,31 @@ class Loop:
             self.callbacks.on_train_end(logs=logs)
         finally:
             self.close()
+            self.signals.__exit__(None, None, None)  # the handlers the process had before, from here on
+        if stopped is not None:
+            self.signals.deliver(stopped.signum, saved)  # exits, unless the user's own handler says otherwise
         return trainer.model.history
+
+    def check_signals(self) -> None:
+        """At a step boundary of `fit`: raise `Interrupted` when a watched signal arrived (in a multi-worker
+        run, on any worker: all stop at the same step)."""
+        if not self.signals.active:
+            return
+        signum = preemption.agreed_signal(self.trainer.strategy, self.signals.pending())
+        if signum is not None:
+            raise preemption.Interrupted(signum)
+
+    def save_on_signal(self, signum: int) -> str | None:
+        """Training stopped for `signum` at a step boundary: write the checkpoint of that step (SIGTERM; SIGINT
+        where `Checkpoint(save_on_interrupt=True)`); returns its path (None: no checkpoint, or not the chief)."""
+        from safetrain.policies import Checkpoint
+
+        policy = self.trainer.policies.find(Checkpoint)
+        if not isinstance(policy, Checkpoint):
+            return None
+        if signum == signal.SIGINT and not policy.save_on_interrupt:
+            return None
+        return policy.save(self.trainer)
 
     def _in_executions(self, steps: int | None) -> int | None:
         """Keras counts a fixed `steps_per_execution` > 1 in whole executions: `steps` is rounded up to a
@@ -311,6 +344,7 @@ class Loop:
         events.chunk_begin(kind, first)
         before = _iterations(trainer.model) if counting else None
         t0 = time.perf_counter()
+        cut = False
         try:
             if data.batch is not None:  # one small batch: the step on it directly, no tf.data iterator
                 ran, outputs = 1, step.run_step(data.batch, data.element_spec)
@@ -331,9 +365,10 @@ class Loop:
             raise self._step_error(kind, data, before, n, error) from error
         else:
             chunks.observe(ran, n, time.perf_counter() - t0)
-            # A chunk cut short by a non-finite loss did not run out of data.
+            # A chunk cut short by a non-finite loss, or by a signal's stop request, did not run out of data.
             nonfinite = kind == "train" and step.watch_nonfinite and ran > 0 and not _all_finite(outputs)
-            data.advance(ran, ran if nonfinite else n)
+            cut = ran < n and kind == "train" and step.stops_early and preemption.stop_requested()
+            data.advance(ran, ran if nonfinite or cut else n)
         if ran:
             # With a fixed steps_per_execution, batch callbacks hear the step numbers Keras gives them: the
             # chunk's `begin + steps_per_execution - 1` even when the data ended earlier (Keras 3.11+), or
@@ -355,6 +390,9 @@ class Loop:
                 if nonfinite:
                     events.nonfinite(trainer.progress.epoch, last, logs)
                 events.train_steps_done()
+        ended = ran < n and not cut or data.remaining() == 0  # the pass is over: stop after its epoch's end
+        if kind == "train" and self._fitting and not ended:
+            self.check_signals()  # every step that ran is counted: stop here, at this exact step
         if ran < n or _stopped(trainer.model, kind):
             raise StopPass
 

@@ -26,7 +26,7 @@ from typing import Any
 import tensorflow as tf
 from keras import tree
 
-from safetrain import _compat, distributed
+from safetrain import _compat, distributed, preemption
 from safetrain.checks import finite_guard
 from safetrain.data import relax_spec
 from safetrain.graph_loops import all_finite, function, make_distributed_loop, make_loop, make_predict_loop
@@ -271,9 +271,17 @@ class CompiledStep:
             elif self.kind == "predict":
                 self._loop = make_predict_loop(self.function, self.spec, counted)
             else:
-                self._loop = make_loop(self.function, self.spec, self.kind == "train" and self.watch_nonfinite, counted)
+                train = self.kind == "train"
+                stop = preemption.stop_flag() if train else None  # a signal ends the chunk at the next step
+                self._loop = make_loop(self.function, self.spec, train and self.watch_nonfinite, counted, stop)
             self._fast = None
         return self._loop
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether a stop request (`preemption.stop_flag`) ends this step's chunks at the next step: the
+        single-device loops read it; distributed loops run their fixed count."""
+        return self.spec is not None and not is_distributed(self.spec)
 
     # -- running ------------------------------------------------------------------------------------------
     def chunk_limit(self, spec, exact: bool) -> int | None:
@@ -391,6 +399,8 @@ class CompiledStep:
         steps_run = 0
         assert self.function is not None
         for _ in range(n):
+            if self.kind == "train" and preemption.stop_requested():
+                break  # a signal: training stops at this step boundary
             batch = iterator.get_next_as_optional()
             if not batch.has_value():
                 break

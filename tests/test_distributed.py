@@ -165,16 +165,18 @@ def test_checkpoint_resumes_a_mirrored_run_bit_identically(mirrored):
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    """The multi-worker scenarios in two cluster start-ups: `train` then `first` in one pair of processes;
-    `resume` (a restarted job) then `memory` in a new pair. {step: [worker 0's result, worker 1's]}."""
+    """The multi-worker scenarios in three cluster start-ups: `train`, `first` and `prefull` in one pair of
+    processes; `preempt` (worker 1 sent SIGTERM) in a second; `resume` and `preresume` (restarted jobs) and
+    `memory` in a third. {step: [worker 0's result, worker 1's]}."""
     root = str(tmp_path_factory.mktemp("multi_worker"))
     results = {"single": single(root)["single"], "dir": root}
-    for scenario in ("train+first", "resume+memory"):
+    for scenario in ("train+first+prefull", "preempt", "resume+memory+preresume"):
         pair = launch(scenario, root)
         for r in pair:
-            assert r.get("returncode") == 0 and all(step in r for step in scenario.split("+")), r.get("output", "")[
-                -3000:
-            ]
+            expected = 143 if scenario == "preempt" else 0  # TrainingPreempted's exit status
+            assert r.get("returncode") == expected and all(step in r for step in scenario.split("+")), r.get(
+                "output", ""
+            )[-3000:]
         for step in scenario.split("+"):
             results[step] = [dict(r[step], worker=r["worker"], chief=r["chief"], output=r["output"]) for r in pair]
     return results
@@ -212,6 +214,20 @@ def test_checkpoint_resumes_a_multi_worker_run_with_rehydration_bit_identically(
         assert same_weights(r, reference[0])
         for key in ("loss", "val_loss"):
             assert r["history"][key] == reference[0]["history"][key]
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_and_the_rerun_is_bit_identical(workers):
+    stopped, resumed, reference = workers["preempt"], workers["preresume"], workers["prefull"]
+    assert all(r["preempted"] and r["code"] == 143 for r in stopped)  # the worker not signalled stops too
+    step = stopped[0]["global_step"]
+    assert 0 < step < reference[0]["global_step"]
+    assert [(r["global_step"], r["iterations"]) for r in stopped] == [(step, step)] * 2
+    assert stopped[0]["written"] == [f"ckpt-{step:012d}"] and stopped[1]["written"] == []  # saved once, by the chief
+    assert same_weights(stopped[0], stopped[1])
+    assert [r["resumed_from"] for r in resumed] == [f"ckpt-{step:012d}"] * 2
+    for r in resumed:
+        assert same_weights(r, reference[0])
+        assert r["history"] == reference[0]["history"]
 
 
 def test_memory_policies_see_the_largest_rss_of_all_workers(workers):

@@ -145,11 +145,18 @@ class Checkpoint(Policy):
     `fit` ends with the weights and History of an uninterrupted run. A checkpoint failing its checksum is
     reported and the previous one used; a failed write (disk full, permissions) warns and training goes on.
 
+    Preemption: while `fit` runs, SIGTERM (what Kubernetes, Slurm and spot reclaims send before SIGKILL) stops
+    training at the next step: the chunk in flight is cut short after its current step, a checkpoint of that
+    exact step is written, callbacks and policies hear `on_train_end`, and `fit` raises `TrainingPreempted`
+    (a `SystemExit` with status 143). With `save_on_interrupt=True`, Ctrl-C (SIGINT) saves the same way and
+    then raises `KeyboardInterrupt`. Run the same command again to resume (see docs/recovery.md).
+
     Args:
         directory: where checkpoints live (one folder per run).
         every_n_epochs: write after every this many epochs (None: never at epoch end).
         every_n_batches: also write every this many training steps (None: never mid-epoch).
         keep: how many checkpoints to keep.
+        save_on_interrupt: also save when Ctrl-C (SIGINT) stops `fit` (SIGTERM always saves).
 
     Example:
         >>> SafeTrainer(model, policies=[Checkpoint("runs/mlp", every_n_batches=500)]).fit(x, y, epochs=50)
@@ -157,7 +164,12 @@ class Checkpoint(Policy):
     """
 
     def __init__(
-        self, directory: str, every_n_epochs: int | None = 1, every_n_batches: int | None = None, keep: int = 2
+        self,
+        directory: str,
+        every_n_epochs: int | None = 1,
+        every_n_batches: int | None = None,
+        keep: int = 2,
+        save_on_interrupt: bool = False,
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"`directory` must be a path, got {type(directory).__name__}.")
@@ -165,6 +177,9 @@ class Checkpoint(Policy):
         self.every_n_epochs = None if every_n_epochs is None else positive_int("every_n_epochs", every_n_epochs)
         self.every_n_batches = None if every_n_batches is None else positive_int("every_n_batches", every_n_batches)
         self.keep = positive_int("keep", keep)
+        if not isinstance(save_on_interrupt, bool):
+            raise TypeError(f"`save_on_interrupt` must be True or False, got {save_on_interrupt!r}.")
+        self.save_on_interrupt = save_on_interrupt
         self.resumed_from: str | None = None
         self.written: list[str] = []
         self.failures: list[str] = []

@@ -11,12 +11,18 @@ SCENARIO is one or more steps joined by "+", run one after another in the same t
   resume   the same with epochs=4, in new processes: resumes from `first`'s checkpoint
   memory   worker 1 leaks 40 MiB per epoch; LeakDetector and MemoryBudget(action="stop") on both
   die      worker 1 exits abruptly at the end of epoch 1; worker 0 must stop with WorkerFailure
+  prefull  20 epochs with a Checkpoint, never stopped, into WORKDIR/prefull (the preemption reference)
+  preempt  the same into WORKDIR/preempt; worker 1 sends itself SIGTERM 1.5 s into training: both workers
+           stop at the same step, save once and exit with TrainingPreempted (143) after printing RESULT
+  preresume  the same again in new processes: resumes from `preempt`'s checkpoint and finishes
 Results are under their step's name.
 """
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 scenario, workdir = sys.argv[1], sys.argv[2]
@@ -109,6 +115,30 @@ def memory_run(worker):
     )
 
 
+def preemptible_run(folder, worker, signal_after=None):
+    ckpt = Checkpoint(os.path.join(folder, "ckpt"))
+    trainer = SafeTrainer(factory, strategy=strategy, policies=[ckpt])
+
+    class SignalSelf(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            threading.Timer(signal_after, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    callbacks = [SignalSelf()] if signal_after is not None and worker == 1 else []
+    extra = {"resumed_from": "", "preempted": False}
+    try:
+        history = fit(trainer, epochs=20, validation_data=None, callbacks=callbacks)
+    except safetrain.TrainingPreempted as stop:
+        extra.update(preempted=True, code=stop.code, checkpoint=os.path.basename(stop.checkpoint or ""))
+        history = trainer.model.history.history
+    extra.update(
+        resumed_from=os.path.basename(ckpt.resumed_from or ""),
+        global_step=trainer.progress.global_step,
+        iterations=int(trainer.model.optimizer.iterations.numpy()),
+        written=[os.path.basename(p) for p in ckpt.written],
+    )
+    return trainer, history, extra
+
+
 def die_run(worker):
     class Die(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -142,6 +172,9 @@ for step in scenario.split("+"):
         trainer, history, extra = resumable_run(os.path.join(workdir, "resume"), 2 if step == "first" else 4)
     elif step == "memory":
         trainer, history, extra = memory_run(out["worker"])
+    elif step in ("prefull", "preempt", "preresume"):
+        folder = os.path.join(workdir, "prefull" if step == "prefull" else "preempt")
+        trainer, history, extra = preemptible_run(folder, out["worker"], 1.5 if step == "preempt" else None)
     else:
         raise SystemExit(f"unknown scenario {step!r}")
     out[step] = dict(
@@ -152,3 +185,5 @@ for step in scenario.split("+"):
         seconds=time.perf_counter() - t0,
     )
 print("RESULT " + json.dumps(out), flush=True)
+if out.get("preempt", {}).get("preempted"):
+    sys.exit(out["preempt"]["code"])  # as TrainingPreempted would have exited
