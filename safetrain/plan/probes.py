@@ -140,6 +140,7 @@ class _Probes:
         self.spec = relax_spec(batches.element_spec)
         self.steps: dict = {}
         self.trace_mb = 0.0
+        self.graph_mb = 0.0  # what tracing alone kept (the traced graph), before the first run
         self.devices = _device_names()
         self.device_peak_mb = 0.0
         self.seconds_per_sample = 0.0  # of the last probe
@@ -183,8 +184,10 @@ class _Probes:
 
             step = CompiledStep(kind, method, trainer.strategy, trainer.jit_compile)
             before = read_memory()[1]
+            step.function_for(self.spec).get_concrete_function(self.spec)  # the trace alone
+            self.graph_mb = max(self.graph_mb, read_memory()[1] - before)
             first = 1 if microbatch is None else microbatch
-            step.run_step(_probe_batch(self.batches, self.spec, first), self.spec)  # the trace
+            step.run_step(_probe_batch(self.batches, self.spec, first), self.spec)  # and the first run
             self.trace_mb = max(self.trace_mb, read_memory()[1] - before)
             self.steps[microbatch is not None] = step
         if microbatch is not None:
@@ -248,8 +251,13 @@ def make_plan(
                 device_points.append((size, probes.device_peak_mb))
     if os.environ.get("SAFETRAIN_PLAN_DEBUG"):
         left = read_memory()[1] - probes.base_mb
-        print(f"plan debug: base {probes.base_mb:.1f} trace {probes.trace_mb:.1f} left {left:.1f}")
+        print(
+            f"plan debug: base {probes.base_mb:.1f} trace {probes.trace_mb:.1f} graph {probes.graph_mb:.1f} "
+            f"left {left:.1f}"
+        )
     intercept, per = _line(points, _floor(points, probes, row_mb))
+    # The fit traces its own step (the probes' compiled copy is dropped): that graph's memory comes on top.
+    intercept += probes.graph_mb
     device_peak = device_per = None
     if device_points:
         d_intercept, device_per = _line(device_points, 0.0)
@@ -290,6 +298,7 @@ def check_microbatches(trainer, batches, plan: MemoryPlan, budget_mb: float, siz
             if os.environ.get("SAFETRAIN_PLAN_DEBUG"):
                 print(f"plan debug: microbatches of {m}: peak {points[-1][1]:.1f}, room {room:.1f}")
     intercept, per = _line(points, plan.activation_mb_per_sample)
+    intercept += probes.graph_mb  # the fit traces its own microbatched step, beside what was measured
     if intercept + per * points[0][0] > room:
         return 0
     return max(1, min(size, int((room - intercept) // per) if per > 0 else size))

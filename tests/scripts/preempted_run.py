@@ -9,7 +9,7 @@ exits with the exception's status (143). Otherwise (a first run, or the rerun th
 the History, the final weights' checksum and the counters.
 
 Environment: NO_CHECKPOINT=1 trains without the policy; SAVE_ON_INTERRUPT=1 sets `save_on_interrupt`;
-EPOCHS (default 4).
+PER_STEP=1 adds a callback with a batch hook (one step per compiled call, as Keras runs); EPOCHS (default 4).
 """
 
 import json
@@ -60,13 +60,19 @@ class Started(keras.callbacks.Callback):
             f.write(f"{trainer.progress.global_step}\n")
 
 
+class EveryStep(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
 def counters() -> dict:
     return dict(global_step=trainer.progress.global_step, iterations=int(model.optimizer.iterations.numpy()))
 
 
+callbacks = [Started(), *([EveryStep()] if os.environ.get("PER_STEP") else [])]
 try:
     history = trainer.fit(
-        x, y, batch_size=32, epochs=int(os.environ.get("EPOCHS", "4")), verbose=0, callbacks=[Started()]
+        x, y, batch_size=32, epochs=int(os.environ.get("EPOCHS", "4")), verbose=0, callbacks=callbacks
     )
 except TrainingPreempted as stop:
     running.set()
