@@ -37,12 +37,13 @@ EXPECTED = {  # examples/leaky/: (causes, warnings)
 
 
 def known_answer(path: pathlib.Path) -> dict:
-    """A corpus script's docstring lines `Report:`, `Known answer:` (causes, or `none`) and `Warnings:`."""
+    """A corpus script's docstring lines `Report:`, `Known answer:` (causes, or `none`), `Warnings:` and
+    `Expected lines:` (the lines of the script a cause may name, any of them; None where not stated)."""
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     fields = {}
     for line in doc.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("Report", "Known answer", "Warnings"):
+        if key.strip() in ("Report", "Known answer", "Warnings", "Expected lines"):
             fields[key.strip()] = value.strip()
 
     def names(value: str) -> set[str]:
@@ -52,6 +53,7 @@ def known_answer(path: pathlib.Path) -> dict:
         report=fields.get("Report", ""),
         causes=names(fields["Known answer"]) if "Known answer" in fields else None,
         warnings=names(fields.get("Warnings", "")),
+        lines={int(n) for n in names(fields["Expected lines"])} if "Expected lines" in fields else None,
     )
 
 

@@ -62,6 +62,26 @@ def test_a_retrace_names_the_function_and_the_argument_whose_shape_varied(report
     assert cause["growth_mb"] > 20
 
 
+def _lines(cause):
+    return [
+        (site["file"].rsplit("/", 1)[-1], site["line"], site.get("role"), site.get("count")) for site in cause["lines"]
+    ]
+
+
+def test_each_cause_names_the_line_of_the_script_to_change(reports):
+    (models,) = reports["models_in_loop.py"]["diagnosis"]["causes"]
+    assert _lines(models) == [("models_in_loop.py", 15, "constructed", 8)]
+    assert models["lines"][0]["source"].startswith("model = keras.Sequential(")
+    (predicts,) = reports["predict_in_loop.py"]["diagnosis"]["causes"]
+    assert _lines(predicts) == [("predict_in_loop.py", 17, "predict", 100)]
+    (retrace,) = reports["retracing.py"]["diagnosis"]["causes"]
+    call, definition = retrace["lines"]
+    assert (call["line"], call["role"], definition["line"], definition["role"]) == (30, "call", 18, "definition")
+    assert call["source"] == "loss = train_step(x, y)" and definition["source"].startswith("def train_step(")
+    text = reports["retracing.py"]["text"]
+    assert "retracing.py:30  loss = train_step(x, y)" in text and "retracing.py:18  def train_step(" in text
+
+
 def test_the_report_counts_what_ran(reports):
     clean = reports["clean.py"]
     counts = clean["diagnosis"]["counts"]

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from safetrain.diagnostics.measure import census_growth, slope
+from safetrain.diagnostics.sites import describe, group
 
 __all__ = ["CAUSES", "WARNINGS", "FIXES", "DATA_TYPES", "diagnose", "retraced"]
 
@@ -72,6 +73,18 @@ FIXES = {
     "retraced": "nothing for memory; for speed, give the function one signature (tensors, not Python values, "
     "for arguments that change)",
 }
+
+
+def _where(events: Sequence[Mapping], depth: int = 0, role: str | None = None) -> list[dict]:
+    """The user's lines the events came from (`where`, innermost frame first), the most frequent first."""
+    return group((e["where"][depth] for e in events if len(e.get("where") or ()) > depth), role=role)
+
+
+def _model_lines(models: Sequence[Mapping]) -> list[dict]:
+    """Where models were constructed, and the calls in the loop that reached those lines (a builder's caller)."""
+    inner = _where(models, 0, "constructed")
+    outer = [o for o in _where(models, 1, "called") if all(o["line"] != i["line"] for i in inner)]
+    return inner + outer
 
 
 def _slope0(values: Sequence[float]) -> float:
@@ -206,7 +219,12 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
             )
             or "its arguments changed"
         )
-        after = [e for e in run.of("trace", function=fn["name"]) if e["t"] > run.base_t]
+        all_traces = run.of("trace", function=fn["name"])
+        after = [e for e in all_traces if e["t"] > run.base_t]
+        lines = _where(all_traces, 0, "call")
+        if fn.get("defined"):
+            where, line = fn["defined"]
+            lines.append(describe(where, line, role="definition"))
         growth = (after[-1][run.key] - run.base_m) if after else 0.0
         per = growth / max(1, len(after))
         if len(after) >= 2 and growth >= RETRACE_GROWTH_MB:
@@ -222,6 +240,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                     traces_after_warmup=len(after),
                     varied=varied,
                     growth_mb=growth,
+                    lines=lines,
                 )
             )
             explained += max(growth, 0.0)
@@ -236,6 +255,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                     function=fn["name"],
                     traces=len(traces),
                     varied=varied,
+                    lines=lines,
                 )
             )
 
@@ -270,6 +290,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                     functions=len(made),
                     slope_mb_per_compile=per_compile,
                     growth_mb=growth,
+                    lines=_where(events, 0, "compile"),
                 )
             )
             explained += max(growth, 0.0)
@@ -293,6 +314,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                     models=len(models),
                     slope_mb_per_model=per_model,
                     growth_mb=growth,
+                    lines=_model_lines(models),
                 )
             )
             explained += max(growth, 0.0)
@@ -306,6 +328,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                 fix=FIXES["models_in_loop"],
                 models=live_growth,
                 growth_mb=run.growth,
+                lines=_model_lines(run.of("model")),
             )
         )
         explained += max(run.growth, 0.0)
@@ -341,6 +364,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                     calls=len(predicts),
                     slope_mb_per_call=per_call,
                     growth_mb=growth,
+                    lines=_where(predicts, 0, "predict"),
                 )
             )
             explained += max(growth, 0.0)
@@ -368,6 +392,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                     jump_mb=jump,
                     copies=jump / nbytes_mb,
                     growth_mb=jump,
+                    lines=_where([e], 0, "copy"),
                 )
             )
             if e["t"] >= run.base_t:  # after warm-up began, the jump is part of the growth measured
@@ -417,6 +442,7 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                 fix=FIXES["allocator_growth"],
                 growth_mb=run.growth,
                 slope_mb_per_epoch=epoch_slope,
+                lines=_loop_lines(run, unit),
             )
         )
 
@@ -457,6 +483,17 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         slope_mb_per_unit=per_unit,
         retraced=retraced(rec),
     )
+
+
+_UNIT_KINDS = {"epoch": "epoch", "predict call": "predict", "model": "model", "compile": "compile"}
+
+
+def _loop_lines(run: _Run, unit: str | None) -> list[dict]:
+    """The line of the loop whose passes grew memory: the call that runs the epochs (`fit`), or the call
+    repeated in the script's own loop."""
+    kind = _UNIT_KINDS.get(unit or "")
+    events = run.of(kind) if kind else []
+    return _where(events, 0, "loop")
 
 
 def _loop_unit(run: _Run, rec: Mapping[str, Any]) -> tuple[str | None, float]:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from safetrain.diagnostics import census
+from safetrain.diagnostics.sites import Sites
 from safetrain.doctor.recorder import Recorder
 
 __all__ = ["census", "child_main"]
@@ -170,6 +171,8 @@ def _patch_tensorflow(rec: Recorder) -> None:
             return original_function(func, *f_args, **f_kwargs)
         name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
         entry: dict[str, Any] = {"name": name, "traces": [], "calls": 0}
+        if rec.sites is not None:
+            entry["defined"] = rec.sites.defined(func)
 
         @functools.wraps(func)
         def traced(*args, **kwargs):
@@ -409,6 +412,7 @@ def child_main(argv: Sequence[str]) -> int:
     """In the child: `OUT script [args...]`: install the instrumentation, run the script, write OUT."""
     out_path, script, *script_args = argv
     rec = Recorder(out_path)
+    rec.sites = Sites(script)
     _install(rec)
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

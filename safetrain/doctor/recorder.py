@@ -14,6 +14,7 @@ import weakref
 from typing import Any
 
 from safetrain.diagnostics import census, read_memory
+from safetrain.diagnostics.sites import Sites
 
 __all__ = ["Recorder", "WARMUP"]
 
@@ -23,6 +24,8 @@ CENSUS_AFTER_MB = 4.0  # the first census is taken once memory grew this much af
 LAST_CENSUS_AFTER_MB = 2.0  # ... and the last one if memory grew again after it
 CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the script's thread
 NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long after the first model: census anyway
+# Events that say where in the user's script they came from (`where`: the innermost two frames of the script's own).
+WHERE_KINDS = frozenset({"model", "compile", "predict", "data", "trace", "fit_begin", "epoch"})
 # Warm-up ends (the baseline for all growth) at the first of these counts.
 WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
 
@@ -57,6 +60,7 @@ class Recorder:
         self.own_mb = 0.0  # memory the first census left behind, taken off every later reading
         self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
         self.main = threading.current_thread()
+        self.sites: Sites | None = None  # the script's own frames (set by `child_main`)
         self.event("start")
         threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
 
@@ -69,6 +73,8 @@ class Recorder:
         return rss - self.own_mb, anon - self.own_mb
 
     def event(self, kind: str, **detail) -> None:
+        if self.sites is not None and kind in WHERE_KINDS and "where" not in detail:
+            detail["where"] = self.sites.here()
         rss, anon = self.read()
         with self.lock:
             self.events.append(dict(t=self.now(), kind=kind, rss_mb=round(rss, 2), anon_mb=round(anon, 2), **detail))

@@ -75,12 +75,25 @@ def format_report(script: str, data: dict, diagnosis: dict) -> str:
     for i, cause in enumerate(diagnosis["causes"], 1):
         lines.append(f"{i}. {cause['title']}")
         lines.append(f"   evidence: {cause['evidence']}")
+        lines.extend(_where_lines(cause))
         lines.append(f"   fix:      {cause['fix']}")
     for warning in diagnosis["warnings"]:
         lines.append(f"warning: {warning['title']}")
         lines.append(f"   evidence: {warning['evidence']}")
+        lines.extend(_where_lines(warning))
         lines.append(f"   fix:      {warning['fix']}")
     return "\n".join(lines)
+
+
+def _where_lines(cause: dict) -> list[str]:
+    """`   where:    train.py:42  model = build()   (20 times; constructed)` for each line a cause names."""
+    out = []
+    for n, site in enumerate(cause.get("lines") or ()):
+        notes = [f"{site['count']} times" if site.get("count", 1) > 1 else "", site.get("role") or ""]
+        note = "; ".join(x for x in notes if x)
+        label = "where:   " if n == 0 else "         "
+        out.append(f"   {label} {site['file']}:{site['line']}  {site['source']}" + (f"   ({note})" if note else ""))
+    return out
 
 
 _COUNTED = (

@@ -2,6 +2,7 @@
 
 Report: https://github.com/microsoft/InnerEye-DeepLearning/pull/209
 Known answer: python_accumulation
+Expected lines: 30
 
 A dense autoencoder is trained with model.fit for 20 epochs; a callback calls self.model.predict on the 2000
 validation rows at every epoch end and appends the reconstructions (a 2000 x 784 float32 array, about 6 MiB) to a

@@ -2,6 +2,7 @@
 
 Report: https://github.com/tensorflow/tensorflow/pull/33441
 Known answer: python_accumulation
+Expected lines: 27, 26
 
 A Dense subclass keeps (inputs, outputs) of each call in a Python list attribute so that activations can be
 inspected after training, and the model is compiled with run_eagerly=True to make that debugging possible. Every

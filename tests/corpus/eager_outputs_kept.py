@@ -2,6 +2,7 @@
 
 Report: https://github.com/tensorflow/tensorflow/issues/34606
 Known answer: python_accumulation
+Expected lines: 26, 27
 
 A classifier with 1000 classes scores a stream of 160 batches of 512 feature vectors by calling model(x) eagerly
 (the usual advice instead of model.predict in a loop) and appends each batch's logits, an EagerTensor of about

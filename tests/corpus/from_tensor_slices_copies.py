@@ -2,6 +2,7 @@
 
 Report: https://github.com/tensorflow/tensorflow/issues/38693
 Known answer: data_copies
+Expected lines: 25
 
 The script makes a float32 feature matrix of about 280 MiB, clips its outliers into a second array (keeping the
 raw one for later), and hands the clipped copy to tf.data.Dataset.from_tensor_slices, which converts it into a

@@ -2,6 +2,7 @@
 
 Report: https://e-learn.cn/topic/4021299
 Known answer: python_accumulation
+Expected lines: 46, 44
 
 A hand-written eager loop (no fit, no tf.function) trains a small MLP and appends the list of gradient tensors of
 every step to a Python list, meaning to plot gradient norms after training. Each step's gradients are as big as

@@ -2,6 +2,7 @@
 
 Report: https://github.com/yerkojahve/Meta-Pseudo-label/issues/1
 Known answer: retracing
+Expected lines: 49, 32
 
 A bag-of-embeddings text classifier (frozen pretrained vectors held as a NumPy array, looked up inside the step)
 is trained with a hand-written SGD step, and the learning rate is decayed every epoch and passed in as a Python

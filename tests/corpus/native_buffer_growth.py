@@ -2,6 +2,7 @@
 
 Report: https://github.com/python/cpython/issues/131997
 Known answer: allocator_growth
+Expected lines: 60, 47
 
 A callback exports the epoch's validation batch to a telemetry library written in C, reached through ctypes. The
 library (simulated here with libc malloc, memmove and memset) copies what it is given into a 20 MiB staging buffer

@@ -2,6 +2,7 @@
 
 Report: https://github.com/keras-team/keras/issues/9151
 Known answer: recompiling
+Expected lines: 29
 
 One network is built once; before each of 12 folds the script calls model.compile() again (a fresh SGD
 optimizer with a decayed learning rate) and fits one epoch on that fold's window of the data. Each compile

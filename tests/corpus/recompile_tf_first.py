@@ -2,6 +2,7 @@
 
 Report: https://github.com/keras-team/keras/issues/16320
 Known answer: recompiling
+Expected lines: 28
 
 A crude learning-rate range test: one network, and for each of 12 learning rates (1e-4 to 1) the script calls
 model.compile() with a new momentum SGD optimizer and fits one epoch, recording the loss. Each compile drops

@@ -2,6 +2,7 @@
 
 Report: https://github.com/tensorflow/tensorflow/issues/59218
 Known answer: python_accumulation
+Expected lines: 30
 
 A callback meant for a later "how the reconstructions evolved" plot calls self.model(x_val) at the end of
 each of 25 epochs and appends the result, an EagerTensor of 2000 x 512 floats (about 4 MiB), to a list. The

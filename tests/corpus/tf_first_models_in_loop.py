@@ -2,6 +2,7 @@
 
 Report: https://github.com/keras-team/keras/issues/9345
 Known answer: models_in_loop
+Expected lines: 29
 
 Each trial builds a fresh network with its own width, learning rate and momentum, compiles it and fits it for
 one epoch; nothing is released between trials (no clear_session). Every fit traces a new train function, and

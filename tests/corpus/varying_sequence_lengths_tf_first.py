@@ -2,6 +2,7 @@
 
 Report: https://github.com/tensorflow/tensorflow/issues/38002
 Known answer: retracing
+Expected lines: 60, 43
 
 Documents are bucketed by length and each batch is padded only to its longest document, to save padding, so the
 time dimension of the batches takes 32 different values, in the order the buckets come. The train step is a plain
