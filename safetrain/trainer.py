@@ -220,8 +220,6 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
         #: The training data of the last `fit` (re-hydration and resume set its shuffle seed).
         self.train_batches: data_module.Batches | None = None
         self.memory_budget_mb = memory_budget_mb
-        #: The `MemoryPlan` the budget was last applied with (None before; see `plan_memory`).
-        self.memory_plan: plan_module.MemoryPlan | None = None
         #: The plan of each step kind ("train", "test", "predict") the budget was last applied with.
         self.memory_plans: dict[str, plan_module.MemoryPlan] = {}
         self.plan_state: dict[str, tuple] = {}  # kind -> (what the plan was made for, (slice size, least))
@@ -365,6 +363,11 @@ class SafeTrainer(StepSurface, TrainerActions, OnBatch):
             validation_steps=validation_steps,
             validation_freq=validation_freq,
         )
+
+    @property
+    def memory_plan(self) -> plan_module.MemoryPlan | None:
+        """The `MemoryPlan` a budget last applied to `fit` (None before; see `plan_memory`)."""
+        return self.memory_plans.get("train")
 
     def plan_memory(
         self, x, y=None, *, batch_size: int | None = None, sample_weight=None, step: str = "train"

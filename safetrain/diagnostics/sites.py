@@ -75,7 +75,8 @@ class Sites:
 def describe(filename: str, line: int, count: int | None = None, role: str | None = None) -> dict:
     """One line of the user's script as the report shows it: the file (relative to the current folder when
     under it), the line number and the source line, stripped."""
-    shown = os.path.relpath(filename) if not os.path.relpath(filename).startswith("..") else filename
+    relative = os.path.relpath(filename)
+    shown = filename if relative.startswith("..") else relative
     entry: dict = {"file": shown, "line": int(line), "source": linecache.getline(filename, int(line)).strip()}
     if count is not None:
         entry["count"] = count

@@ -114,8 +114,6 @@ def apply_budget(trainer, batches, verbose: int = 0, kind: str = "train") -> Mem
                     plan=plan,
                 )
         trainer.memory_plans[kind], trainer.plan_state[kind] = plan, (key, (size, least))
-        if kind == "train":
-            trainer.memory_plan = plan
         if verbose and os.environ.get("SAFETRAIN_QUIET") != "1":
             print(plan.table(budget), flush=True)
             if 0 < size < plan.batch_size:
