@@ -8,6 +8,8 @@ Overhead: wall time of `python SCRIPT` against `python -m safetrain doctor SCRIP
 process, alternated, medians (TensorFlow's import is in both). Target (issue 13): under 10%.
 Verdicts: the causes and warnings the doctor names for each script against the known answer (for the corpus,
 the `Known answer:` and `Warnings:` lines of each script's docstring; `retraced` warnings are informational).
+Lines (issue 24): for each cause found in a corpus script, whether it names one of the script's `Expected lines:`.
+Target: at least 95% of the corpus's causes.
 """
 
 from __future__ import annotations
@@ -86,13 +88,13 @@ def verdicts(which: str) -> list[dict]:
 
     scripts = []
     if which in ("all", "leaky"):
-        scripts += [(LEAKY / name, causes, warnings) for name, (causes, warnings) in EXPECTED.items()]
+        scripts += [(LEAKY / name, causes, warnings, None) for name, (causes, warnings) in EXPECTED.items()]
     if which in ("all", "corpus"):
         for path in sorted(CORPUS.glob("*.py")):
             answer = known_answer(path)
-            scripts.append((path, answer["causes"], answer["warnings"]))
+            scripts.append((path, answer["causes"], answer["warnings"], answer["lines"]))
     rows = []
-    for path, causes, warnings in scripts:
+    for path, causes, warnings, *expected_lines in scripts:
         report = doctor.run(str(path), echo=False, timeout=600)
         found = {c["cause"] for c in report["diagnosis"]["causes"]}
         warned = {w["cause"] for w in report["diagnosis"]["warnings"]} - {"retraced"}
@@ -104,6 +106,15 @@ def verdicts(which: str) -> list[dict]:
                 correct=(found, warned) == (causes, warnings),
                 wall_s=report["wall_s"],
                 evidence=[c["evidence"] for c in report["diagnosis"]["causes"]],
+                # Per cause found: whether it names one of the corpus's expected lines (None: none stated).
+                lines={
+                    c["cause"]: None
+                    if not expected_lines[0]
+                    else bool(
+                        {s["line"] for s in c.get("lines") or () if s["file"].endswith(path.name)} & expected_lines[0]
+                    )
+                    for c in report["diagnosis"]["causes"]
+                },
             )
         )
         print(
@@ -133,14 +144,22 @@ def main(argv=None) -> None:
             f"{100 * t['overhead']:+.1f}% | < 10% |"
         )
     print(f"\n(medians of {a.reps} alternated runs, each a fresh process; TensorFlow's import is in both)\n")
-    print("| script | known answer | doctor's verdict | correct |")
-    print("|---|---|---|---|")
+    print("| script | known answer | doctor's verdict | correct | names an expected line |")
+    print("|---|---|---|---|---|")
     for r in rows:
+        named = [ok for ok in r["lines"].values() if ok is not None]
+        line = "-" if not named else "yes" if all(named) else "NO"
         print(
             f"| {r['script']} | {', '.join(r['expected']) or 'no leak'} | {', '.join(r['found']) or 'no leak'} | "
-            f"{'yes' if r['correct'] else 'NO'} |"
+            f"{'yes' if r['correct'] else 'NO'} | {line} |"
         )
     print(f"\n{sum(r['correct'] for r in rows)} of {len(rows)} correct")
+    judged = [ok for r in rows for ok in r["lines"].values() if ok is not None]
+    if judged:
+        print(
+            f"{sum(judged)} of {len(judged)} causes found in the corpus name one of the script's expected lines "
+            f"({100 * sum(judged) / len(judged):.0f}%; target >= 95%)"
+        )
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:

@@ -135,11 +135,15 @@ def child(name: str, batch: int, steps: int, budget_growth: float | None, epoch_
             per_sample_mb=plan.per_sample_mb,
             plan_s=plan.seconds,
             probes=plan.probes,
+            allocator_probes=plan.allocator_probes,
         )
     else:
         budget = base + budget_growth
         trainer = SafeTrainer(model, memory_budget_mb=budget)
         out.update(base_mb=base, budget_mb=budget)
+    from safetrain.plan.probes import _cpu_allocator_peak, _reset_cpu_allocator
+
+    counted = _reset_cpu_allocator()
     t0 = time.perf_counter()
     try:
         with PeakMemory() as peak:
@@ -148,6 +152,7 @@ def child(name: str, batch: int, steps: int, budget_growth: float | None, epoch_
         out.update(refused=str(e), measured_mb=None, microbatch=None, loss=None)
         return out
     first_s = time.perf_counter() - t0
+    out["allocator_mb"] = _cpu_allocator_peak(counted)
     t0 = time.perf_counter()  # a step's time without the first fit's trace, for the epoch time
     trainer.fit(x, y, batch_size=batch, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
     seconds = time.perf_counter() - t0

@@ -89,7 +89,7 @@ def test_data_memory_benchmark_runs_its_image_cases(tmp_path):
 def test_doctor_benchmark_runs_and_prints_its_tables():
     # --reps 0 --only none: no script run (the corpus test runs the verdicts); the tables and arguments work.
     result = run_benchmark("doctor.py", "--reps", "0", "--only", "none")
-    assert "| script | known answer | doctor's verdict | correct |" in result.stdout
+    assert "| script | known answer | doctor's verdict | correct | names an expected line |" in result.stdout
     assert "0 of 0 correct" in result.stdout
 
 

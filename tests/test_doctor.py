@@ -280,6 +280,27 @@ def test_predictions_kept_by_a_callback_are_accumulation_not_predict_in_loop():
     assert [c["cause"] for c in diagnosis(data)["causes"]] == ["python_accumulation"]
 
 
+def test_predict_is_not_blamed_when_the_script_keeps_what_each_call_returns():
+    # Issue 24's case: a callback predicts 2000 rows per epoch and keeps every result. Live arrays grew 60 MiB,
+    # memory 2.7 MiB per call: a residue of 0.3 MiB per call that no live object holds, enough for the bytes-only rule.
+    where = [["train.py", 30]]
+    events = [dict(t=float(i), kind="predict", rows=2000, rss_mb=500 + 2.7 * i, where=where) for i in range(30)]
+    data = warm(events, at=4.0)
+    data["census"]["first"]["stats"] = {"ndarray": [10, 12 * 2**20]}
+    data["census"]["last"] = dict(stats={"ndarray": [35, 72 * 2**20]}, rss_mb=578, t=30.0)
+    assert {c["cause"] for c in diagnosis(data)["causes"]} == {"predict_in_loop", "python_accumulation"}
+    # Who holds the arrays: a callback's list, made of what predict returned (2.4 MiB a call, 30 calls).
+    kept = dict(holder="KeepScores.scores", kind="attribute", name="scores", bytes=72 * 2**20, objects=30)
+    data["holders"] = [dict(kept, watched_bytes=72 * 2**20, lines=[["train.py", 30]])]
+    (cause,) = diagnosis(data)["causes"]
+    assert cause["cause"] == "python_accumulation"
+    assert [(s["line"], s["role"]) for s in cause["lines"]] == [(30, "adds to KeepScores.scores")]
+    assert "KeepScores.scores holds 72.0 MiB in 30 objects" in cause["evidence"]
+    # The same list filled with arrays predict did not return: predict in a loop stays a cause.
+    data["holders"][0]["watched_bytes"] = 0
+    assert {c["cause"] for c in diagnosis(data)["causes"]} == {"predict_in_loop", "python_accumulation"}
+
+
 def test_growth_with_no_fit_is_diagnosed_from_warm_up_on():
     # A custom loop: no epochs, no fit; warm-up ended at the 5th gradient; tensors kept in a list.
     events = [dict(t=0.0, kind="model", rss_mb=400)]

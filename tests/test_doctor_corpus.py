@@ -76,12 +76,7 @@ def test_the_doctor_diagnoses_the_corpus_exactly(reports, name):
     assert diagnosis["counts"]["models"] >= 1, report["text"]
 
 
-# Python-side accumulation names no line yet (its allocation sites need tracemalloc: issue 24's open part); the
-# corpus states its expected lines all the same.
-NAMED = set(diagnostics.CAUSES) - {"python_accumulation"}
-
-
-@pytest.mark.parametrize("name", [n for n in SCRIPTS if known_answer(CORPUS / n)["causes"] & NAMED])
+@pytest.mark.parametrize("name", [n for n in SCRIPTS if known_answer(CORPUS / n)["causes"]])
 def test_each_cause_names_a_line_the_corpus_expects(reports, name):
     expected = known_answer(CORPUS / name)["lines"]
     assert expected, f"{name}: the docstring states no `Expected lines:`"

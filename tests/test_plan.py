@@ -100,6 +100,11 @@ def test_the_plan_grows_with_the_batch_and_predicts_more_than_the_process_holds(
     assert result.predict(microbatch_size=8) < result.peak_mb
     assert result.device_peak_mb is None  # no accelerator here
     assert 0 < result.seconds < 60
+    # TensorFlow's CPU allocator's peak in each probe step (its small allocations are not counted: 0 is possible).
+    assert [b for b, _ in result.allocator_probes] == [b for b, _ in result.probes]
+    sizes = dict(result.allocator_probes)
+    if all(v is not None for v in sizes.values()):  # an allocator that keeps no statistics reports None
+        assert sizes[128] >= sizes[16] >= 0
     text = str(result)
     assert "predicted peak" in text and "per sample" in text
 

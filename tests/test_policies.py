@@ -335,6 +335,10 @@ def test_leak_detector_diagnoses_python_side_accumulation():
     # The doctor's rules (safetrain.diagnostics): the bytes live objects hold account for the growth.
     assert [c["cause"] for c in detector.report["causes"]] == ["python_accumulation"]
     assert "keep numbers, not tensors or arrays" in detector.report["suggestion"]
+    # The line that keeps them: the callback's append, found from who holds the bytearrays (Hoarder.kept).
+    (site,) = detector.report["causes"][0]["lines"]
+    assert site["file"].endswith("test_policies.py") and site["source"].startswith("self.kept.append([bytearray(")
+    assert "Hoarder.kept" in site["role"] and f"{site['file']}:{site['line']}" in str(record[0].message)
     assert detector.report["traces"]["train"] == 1
 
 

@@ -1,7 +1,8 @@
 """Leak: a callback that keeps a copy of the weights after every batch.
 
 Nothing in TensorFlow grows; a Python list of NumPy arrays does (about 0.07 MiB per batch, 26 MiB in all
-here). The doctor names the object types that grew. Fix: keep numbers (float(logs["loss"])), not arrays or tensors.
+here). The doctor names the object types that grew, who holds them (KeepWeights.snapshots) and the line that
+appends to it. Fix: keep numbers (float(logs["loss"])), not arrays or tensors.
 """
 
 import keras

@@ -179,19 +179,8 @@ def census() -> dict[str, tuple[int, int]]:
         size[type(o)] += getsizeof(o, 0)
     for o in itertools.compress(objects, map(tensors.__contains__, map(type, objects))):
         size[type(o)] += _buffer_bytes(o)
-    held: dict[int, Any] = {}
-    is_buffer = buffers.__contains__
-    for i in range(0, len(objects), 2000):  # in slices: one list of every referent would be ~15 MiB more
-        refs = gc.get_referents(*objects[i : i + 2000])
-        for r in itertools.compress(refs, map(is_buffer, map(type, refs))):
-            held[id(r)] = r
+    held = live_buffers(objects, buffers)
     del objects
-    if ndarray is not None:  # the arrays that views keep alive
-        for r in list(held.values()):
-            base = getattr(r, "base", None) if isinstance(r, ndarray) else None
-            while isinstance(base, ndarray) and id(base) not in held:
-                held[id(base)] = base
-                base = base.base
     for r in held.values():
         t = type(r)
         count[t] += 1
@@ -199,6 +188,25 @@ def census() -> dict[str, tuple[int, int]]:
             _array_bytes(r) if ndarray is not None and isinstance(r, ndarray) else getsizeof(r, 0)
         )
     return {t.__name__: (n, size.get(t, 0)) for t, n in count.items()}
+
+
+def live_buffers(objects: list, buffers: set[type]) -> dict[int, Any]:
+    """The objects of `buffers` types (untracked by the collector: NumPy arrays, bytes) that `objects` refer
+    to, and the arrays their views keep alive, by id."""
+    held: dict[int, Any] = {}
+    is_buffer = buffers.__contains__
+    for i in range(0, len(objects), 2000):  # in slices: one list of every referent would be ~15 MiB more
+        refs = gc.get_referents(*objects[i : i + 2000])
+        for r in itertools.compress(refs, map(is_buffer, map(type, refs))):
+            held[id(r)] = r
+    np = sys.modules.get("numpy")
+    if np is not None:  # the arrays that views keep alive
+        for r in list(held.values()):
+            base = getattr(r, "base", None) if isinstance(r, np.ndarray) else None
+            while isinstance(base, np.ndarray) and id(base) not in held:
+                held[id(base)] = base
+                base = base.base
+    return held
 
 
 def _array_bytes(a: Any) -> int:

@@ -39,6 +39,7 @@ MODEL_SLOPE_MB = 1.0  # memory per model built, from the second on
 MIN_PREDICTS = 25  # predict calls (20 after the first 5: fewer give no slope above the noise)
 PREDICT_SLOPE_MB = 0.02  # memory per predict call after the first 5, not held by live objects
 PREDICT_GROWTH_MB = 2.0  # ... and in all over those calls
+KEPT_OUTPUTS_RATIO = 4.0  # not predict in a loop: the outputs the script keeps per call are this many times that
 DATA_MIN_MB = 64.0  # arrays handed to fit / tf.data at least this big ...
 DATA_WARMUP_MB = 64.0  # ... and anonymous memory grew by at least one more copy of them beyond this warm-up
 OBJECT_GROWTH_MB = 10.0  # live objects (by the bytes they hold) grown between the two censuses
@@ -85,6 +86,23 @@ def _model_lines(models: Sequence[Mapping]) -> list[dict]:
     inner = _where(models, 0, "constructed")
     outer = [o for o in _where(models, 1, "called") if all(o["line"] != i["line"] for i in inner)]
     return inner + outer
+
+
+def _kept_per_call(rec: Mapping[str, Any], predicts: Sequence[Mapping]) -> float | None:
+    """MiB per predict call of the arrays predict returned that the script still holds at the end (None when
+    nobody looked: no holders recorded)."""
+    if "holders" not in rec or not predicts:
+        return None
+    return sum(h.get("watched_bytes", 0) for h in rec["holders"]) / 2**20 / len(predicts)
+
+
+def _kept_lines(rec: Mapping[str, Any]) -> list[dict]:
+    """The lines of the user's code that add to the places holding the data that grew (`holders`)."""
+    out = []
+    for h in rec.get("holders") or ():
+        role = f"adds to {h['holder']}"
+        out += [describe(f, n, role=role) for f, n in h.get("lines", ())[:2]]
+    return out
 
 
 def _slope0(values: Sequence[float]) -> float:
@@ -352,7 +370,14 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         seconds = sum(e.get("seconds", 0.0) for e in predicts) / len(predicts)
         rows = sorted(e.get("rows", 0) or 0 for e in predicts)[len(predicts) // 2]
         size = f"{rows} rows per call" if rows else "small inputs"
-        if per_call > PREDICT_SLOPE_MB and growth > PREDICT_GROWTH_MB and _keeps_growing(ms, _slope0(ms)):
+        keeps = _kept_per_call(rec, predicts)
+        if (
+            per_call > PREDICT_SLOPE_MB
+            and growth > PREDICT_GROWTH_MB
+            and _keeps_growing(ms, _slope0(ms))
+            # The script keeps what each call returns, and that (not predict) accounts for the growth.
+            and not (keeps is not None and keeps >= KEPT_OUTPUTS_RATIO * per_call)
+        ):
             causes.append(
                 dict(
                     cause="predict_in_loop",
@@ -412,10 +437,16 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                 title="Python-side accumulation: live objects keep growing",
                 evidence="grew between warm-up and the end: "
                 + ", ".join(f"{name} {count:+d} objects ({size / 2**20:+.1f} MiB)" for size, count, name in types)
-                + f"; {held_mb:+.1f} MiB held by live objects, of {run.growth:+.1f} MiB memory growth",
+                + f"; {held_mb:+.1f} MiB held by live objects, of {run.growth:+.1f} MiB memory growth"
+                + "".join(
+                    f"; {h['holder']} holds {h['bytes'] / 2**20:.1f} MiB in {h['objects']} objects"
+                    for h in rec.get("holders") or ()
+                ),
                 fix=FIXES["python_accumulation"],
                 types=[name for _, _, name in types],
                 growth_mb=held_mb,
+                lines=_kept_lines(rec),
+                holders=[h["holder"] for h in rec.get("holders") or ()],
             )
         )
         explained += held_mb

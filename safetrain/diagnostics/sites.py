@@ -27,10 +27,12 @@ _LIBRARIES = tuple(
 
 
 class Sites:
-    """The frames that belong to the script at `script` (its folder and below, not an installed library)."""
+    """The frames that belong to the script at `script` (its folder and below, not an installed library); with
+    `script` None, every file outside the libraries."""
 
-    def __init__(self, script: str) -> None:
-        self.root = os.path.realpath(os.path.dirname(os.path.abspath(script))) + os.sep
+    def __init__(self, script: str | None) -> None:
+        # Without a script (LeakDetector, an interactive session), any file outside the libraries is the user's.
+        self.root = os.path.realpath(os.path.dirname(os.path.abspath(script))) + os.sep if script else os.sep
         self._mine: dict[str, bool] = {}
 
     def is_users(self, filename: str) -> bool:

@@ -388,7 +388,9 @@ def _wrap_predict(rec: Recorder, cls, api: str) -> None:
         before = rec.read()[1]
         rec.predict_depth += 1
         try:
-            return rec.call_api(predict, self, *args, **kwargs)
+            result = rec.call_api(predict, self, *args, **kwargs)
+            rec.returned(result)
+            return result
         finally:
             rec.predict_depth -= 1
             rows = _rows(args[0] if args else kwargs.get("x"))

@@ -13,7 +13,9 @@ import time
 import weakref
 from typing import Any
 
-from safetrain.diagnostics import census, read_memory
+from safetrain.diagnostics import census, census_growth, read_memory
+from safetrain.diagnostics.holders import array_addresses, holders
+from safetrain.diagnostics.rules import DATA_TYPES
 from safetrain.diagnostics.sites import Sites
 
 __all__ = ["Recorder", "WARMUP"]
@@ -26,6 +28,8 @@ CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the scrip
 NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long after the first model: census anyway
 # Events that say where in the user's script they came from (`where`: the innermost two frames of the script's own).
 WHERE_KINDS = frozenset({"model", "compile", "predict", "data", "trace", "fit_begin", "epoch"})
+HOLDERS_FOR_MB = 1.0  # at the last census, who holds each data type that grew at least this much is looked for
+MAX_WATCHED = 100_000  # data addresses of predict's outputs remembered (the latest)
 # Warm-up ends (the baseline for all growth) at the first of these counts.
 WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
 
@@ -61,6 +65,8 @@ class Recorder:
         self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
         self.main = threading.current_thread()
         self.sites: Sites | None = None  # the script's own frames (set by `child_main`)
+        self.predicted: dict[int, None] = {}  # data addresses of the arrays predict returned (ordered: the latest)
+        self.holders: list[dict] = []
         self.event("start")
         threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
 
@@ -120,6 +126,14 @@ class Recorder:
             self.api_depth -= 1
             self.api_exit_t = self.now()
 
+    def returned(self, outputs) -> None:
+        """What a predict call returned: the arrays' data addresses, to tell later whether the script keeps them."""
+        for address in array_addresses(outputs):
+            self.predicted.pop(address, None)
+            self.predicted[address] = None
+        while len(self.predicted) > MAX_WATCHED:
+            del self.predicted[next(iter(self.predicted))]
+
     def model_key(self, model) -> str:
         key = self.model_keys.get(id(model))
         if key is None:
@@ -148,6 +162,13 @@ class Recorder:
         # What the census itself left (freed lists the allocator keeps) is the doctor's, not the script's.
         if when == "first":
             self.own_mb += max(0.0, read_memory()[1] - raw_anon)
+        first = self.census.get("first")
+        if when == "last" and first is not None and self.sites is not None:
+            # Who keeps the data that grew, and the lines that add to it.
+            grew = census_growth(first["stats"], {k: list(v) for k, v in stats.items()})
+            types = {name for size, _, name in grew if name in DATA_TYPES and size >= HOLDERS_FOR_MB * 2**20}
+            if types:
+                self.holders = holders(types, self.sites, watch=self.predicted.keys())
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,
@@ -201,6 +222,7 @@ class Recorder:
                 exit_code=self.exit_code,
                 error=self.error,
                 wall_s=time.perf_counter() - self.t0,
+                holders=self.holders,
             )
             with open(self.out_path, "w") as f:
                 json.dump(data, f)

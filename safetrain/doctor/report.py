@@ -153,6 +153,7 @@ def run(
         stateful=data["stateful"],
         samples=data.get("samples", []),
         census_seconds={k: v["seconds"] for k, v in data["census"].items()},
+        holders=data.get("holders", []),
         diagnosis=diagnosis,
     )
     report["text"] = format_report(script, data, diagnosis)

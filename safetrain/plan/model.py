@@ -33,6 +33,9 @@ class MemoryPlan:
         seconds: what planning took.
         kind: the step planned: "train" (`fit`), "test" (`evaluate`, validation) or "predict".
         outputs_mb: what `predict` keeps of the outputs (one array for all samples), whatever the batch size.
+        allocator_probes: `(batch size, MiB)`: the peak of TensorFlow's CPU allocator in each probe step over
+            what it held before it (None where it keeps no statistics). Not part of the prediction: what a pool
+            allocator takes from the process is more than its peak, by an amount that differs by model.
 
     Example:
         >>> plan = trainer.plan_memory(x, y, batch_size=512)
@@ -52,6 +55,7 @@ class MemoryPlan:
     least_pipeline_mb: float | None = None  # the pipeline reading one batch at a time (None: as pipeline_mb)
     kind: str = "train"
     outputs_mb: float = 0.0
+    allocator_probes: tuple[tuple[int, float | None], ...] = ()
 
     @property
     def per_sample_mb(self) -> float:

@@ -121,6 +121,26 @@ def _floor(points: list[tuple[int, float]], probes: _Probes, row_mb: float) -> f
     return max(row_mb, (peak - probes.base_mb - probes.trace_mb) / size)
 
 
+def _reset_cpu_allocator() -> float | None:
+    """Reset the peak of TensorFlow's CPU allocator and return what it holds now (MiB); None where it does not
+    count (an allocator without statistics)."""
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        return tf.config.experimental.get_memory_info("CPU:0")["current"] / 2**20
+    except (ValueError, RuntimeError, tf.errors.OpError, KeyError):
+        return None
+
+
+def _cpu_allocator_peak(start: float | None) -> float | None:
+    """The peak of TensorFlow's CPU allocator since `_reset_cpu_allocator` returned `start`, over `start` (MiB)."""
+    if start is None:
+        return None
+    try:
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20 - start
+    except (ValueError, RuntimeError, tf.errors.OpError, KeyError):
+        return None
+
+
 def _device_names() -> list[str]:
     return [d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices("GPU")]
 
@@ -144,6 +164,7 @@ class _Probes:
         self.devices = _device_names()
         self.device_peak_mb = 0.0
         self.seconds_per_sample = 0.0  # of the last probe
+        self.allocator_peak_mb: float | None = None  # of the last probe: TensorFlow's CPU allocator, if it counts
 
     def __enter__(self) -> _Probes:
         from safetrain.snapshot import Snapshot
@@ -199,9 +220,11 @@ class _Probes:
         data = _probe_batch(self.batches, self.spec, size)
         for device in self.devices:
             tf.config.experimental.reset_memory_stats(device)
+        counted = _reset_cpu_allocator()
         t0 = time.perf_counter()
         with PeakMemory() as peak:
             outputs = step.run_step(data, self.spec)
+        self.allocator_peak_mb = _cpu_allocator_peak(counted)
         self.seconds_per_sample = (time.perf_counter() - t0) / size
         if self.kind == "predict":
             shapes = [t for t in tree.flatten(outputs) if isinstance(t, tf.Tensor) and t.shape.rank]
@@ -228,6 +251,7 @@ def make_plan(
     row_mb = row_bytes / 2**20
     points: list[tuple[int, float]] = []
     device_points: list[tuple[int, float]] = []
+    allocator_points: list = []
     with _Probes(trainer, batches, kind) as probes:
         limit_mb = None
         if budget_mb is not None:
@@ -247,13 +271,14 @@ def make_plan(
                 if intercept + per * size + probes.held_mb > limit_mb:
                     break
             points.append((size, probes.peak(size)))
+            allocator_points.append((size, probes.allocator_peak_mb))
             if probes.devices:
                 device_points.append((size, probes.device_peak_mb))
     if os.environ.get("SAFETRAIN_PLAN_DEBUG"):
         left = read_memory()[1] - probes.base_mb
         print(
             f"plan debug: base {probes.base_mb:.1f} trace {probes.trace_mb:.1f} graph {probes.graph_mb:.1f} "
-            f"left {left:.1f}"
+            f"left {left:.1f} allocator {allocator_points}"
         )
     intercept, per = _line(points, _floor(points, probes, row_mb))
     # The fit traces its own step (the probes' compiled copy is dropped): that graph's memory comes on top.
@@ -271,6 +296,7 @@ def make_plan(
         least_pipeline_mb=_pipeline_mb(batches, batch_size, row_bytes, limit=0) if batches.path == "stream" else None,
         device_peak_mb=device_peak,
         probes=tuple(points),
+        allocator_probes=tuple(allocator_points),
         seconds=time.perf_counter() - t0,
         device_mb_per_sample=device_per,
         kind=kind,

@@ -171,9 +171,12 @@ class LeakDetector(Policy):
     bytes live arrays and tensors hold, allocator growth), warnings (a stateful layer never reset), and the
     fix for each. `detector.report` holds it: `causes`, `suggestion` (the first fix), `grew` (the object
     types that grew most, by bytes, since the first epoch), `traces`, `live_models`, `text` (what the warning
-    says). With `rehydrate=True` it also re-hydrates whenever it fires. It takes a census of live objects
-    after the first epoch and again when it fires (a few tenths of a second each); the slope is fitted from
-    the second epoch on.
+    says). Each cause names the lines to change where it can (`lines`, and "at file.py:LINE" in the warning):
+    for Python-side accumulation, the line of a callback, custom step or loop that adds to the list or dict
+    holding what grew (`safetrain.diagnostics.holders`); for retracing, the `def` of a custom step. With
+    `rehydrate=True` it also re-hydrates whenever it fires. It takes a census of live objects after the
+    first epoch and again when it fires (a few tenths of a second each, and about half a second more to find
+    who holds what grew); the slope is fitted from the second epoch on.
 
     Example:
         >>> detector = LeakDetector(window=10, threshold_mb_per_epoch=1.0)
@@ -240,7 +243,7 @@ class LeakDetector(Policy):
                 dict(t=base["t"] if i < before else now, args={"data": spec or f"trace {i + 1}"})
                 for i, spec in enumerate(specs)
             ]
-            functions.append(dict(name=kind, traces=traces))
+            functions.append(dict(name=kind, traces=traces, defined=_step_defined(trainer, kind)))
             events += [dict(t=now, kind="trace", function=kind, rss_mb=sample.rss_mb)] * max(0, total - before)
         stateful = {}
         if trainer.policies.find(ResetStates) is None:
@@ -249,14 +252,16 @@ class LeakDetector(Policy):
                     stateful[layer.name] = dict(
                         layer=layer.name, **{"class": type(layer).__name__}, epochs=len(self._events), resets=0
                     )
+        stats = diagnostics.census()
         return dict(
             events=sorted(events, key=lambda e: e["t"]) + [dict(t=now, kind="end", rss_mb=sample.rss_mb)],
             functions=functions,
             stateful=stateful,
             census=dict(
                 first=dict(t=base["t"], stats=base["stats"], rss_mb=base["rss_mb"]),
-                last=dict(t=now, stats=diagnostics.census(), rss_mb=sample.rss_mb),
+                last=dict(t=now, stats=stats, rss_mb=sample.rss_mb),
             ),
+            holders=_holders(base["stats"], stats),
             counts=dict(epochs=len(self._events)),
             baseline=dict(t=base["t"], reason="the first epoch"),
             live_models_growth=live_models() - base["models"],
@@ -269,7 +274,7 @@ class LeakDetector(Policy):
         suggestion = first[0]["fix"] if first else FIXES["allocator_growth"]
         grew = [(name, count, size) for size, count, name in found["grew"]]
         top = ", ".join(f"{k} +{n} ({b / 2**20:.1f} MiB)" for k, n, b in grew[:5]) or "none"
-        named = "; ".join(f"{c['title']}: {c['evidence']}" for c in first) or "no cause accounts for it"
+        named = "; ".join(f"{c['title']}: {c['evidence']}{_at(c)}" for c in first) or "no cause accounts for it"
         traces = dict(trainer.steps.total_trace_counts)
         text = (
             f"RSS grows {growth:.2f} MiB/epoch over the last {self.window} epochs (threshold "
@@ -290,6 +295,33 @@ class LeakDetector(Policy):
             suggestion=suggestion,
             text=text,
         )
+
+
+def _holders(first: dict, last: dict) -> list[dict]:
+    """Who holds the arrays and tensors that grew between two censuses, and the user's lines that add to them."""
+    from safetrain.diagnostics.holders import holders
+    from safetrain.diagnostics.rules import DATA_TYPES
+    from safetrain.diagnostics.sites import Sites
+
+    grew = diagnostics.census_growth(first, last)
+    types = {name for size, _, name in grew if name in DATA_TYPES and size >= 2**20}
+    if not types:
+        return []
+    return holders(types, Sites(None))  # the user's code: any file outside the libraries
+
+
+def _step_defined(trainer, kind: str) -> tuple[str, int] | None:
+    """Where the `kind` step is defined when it is the user's (a trainer's or a model's override)."""
+    from safetrain.diagnostics.sites import Sites
+
+    method = trainer.step_method(kind, microbatched=False)
+    return Sites(None).defined(getattr(method, "__func__", method))
+
+
+def _at(cause: dict) -> str:
+    """` (at train.py:30)`: the lines a cause names, for the warning's text."""
+    lines = [f"{site['file']}:{site['line']}" for site in cause.get("lines") or ()]
+    return f" (at {', '.join(lines)})" if lines else ""
 
 
 def live_models() -> int:
