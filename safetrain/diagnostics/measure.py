@@ -190,15 +190,32 @@ def census() -> dict[str, tuple[int, int]]:
     return {t.__name__: (n, size.get(t, 0)) for t, n in count.items()}
 
 
-def live_buffers(objects: list, buffers: set[type]) -> dict[int, Any]:
+def live_buffers(objects: list, buffers: set[type], untracked_out: dict[int, Any] | None = None) -> dict[int, Any]:
     """The objects of `buffers` types (untracked by the collector: NumPy arrays, bytes) that `objects` refer
-    to, and the arrays their views keep alive, by id."""
+    to, directly or through a tuple or dict the collector does not track (given `untracked_out`, those
+    tuples and dicts are put there, by id), and the arrays their views keep alive, by id."""
     held: dict[int, Any] = {}
     is_buffer = buffers.__contains__
+    is_plain = {tuple, dict}.__contains__
+    untracked: dict[int, Any] = {}
     for i in range(0, len(objects), 2000):  # in slices: one list of every referent would be ~15 MiB more
         refs = gc.get_referents(*objects[i : i + 2000])
         for r in itertools.compress(refs, map(is_buffer, map(type, refs))):
             held[id(r)] = r
+        # A tuple or dict of untracked things only (arrays, numbers, strings) is untracked itself after a
+        # collection: `hist.append((pred, label))`, `scores[epoch] = pred`. What it holds is looked for too.
+        for r in itertools.compress(refs, map(is_plain, map(type, refs))):
+            if not gc.is_tracked(r):
+                untracked[id(r)] = r
+    plain = list(untracked.values())
+    if untracked_out is not None:
+        untracked_out.update(untracked)
+    untracked.clear()
+    for i in range(0, len(plain), 2000):
+        refs = gc.get_referents(*plain[i : i + 2000])
+        for r in itertools.compress(refs, map(is_buffer, map(type, refs))):
+            held[id(r)] = r
+    del plain
     np = sys.modules.get("numpy")
     if np is not None:  # the arrays that views keep alive
         for r in list(held.values()):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import sys
@@ -14,7 +15,7 @@ import weakref
 from typing import Any
 
 from safetrain.diagnostics import census, census_growth, read_memory
-from safetrain.diagnostics.holders import array_addresses, holders
+from safetrain.diagnostics.holders import arrays_in, holders
 from safetrain.diagnostics.rules import DATA_TYPES
 from safetrain.diagnostics.sites import Sites
 
@@ -29,7 +30,7 @@ NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long aft
 # Events that say where in the user's script they came from (`where`: the innermost two frames of the script's own).
 WHERE_KINDS = frozenset({"model", "compile", "predict", "data", "trace", "fit_begin", "epoch"})
 HOLDERS_FOR_MB = 1.0  # at the last census, who holds each data type that grew at least this much is looked for
-MAX_WATCHED = 100_000  # data addresses of predict's outputs remembered (the latest)
+MAX_WATCHED = 100_000  # predict's output arrays watched (weak references, the latest)
 # Warm-up ends (the baseline for all growth) at the first of these counts.
 WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
 
@@ -65,7 +66,7 @@ class Recorder:
         self.census_due: float | None = None  # when memory first grew enough after warm-up for a census
         self.main = threading.current_thread()
         self.sites: Sites | None = None  # the script's own frames (set by `child_main`)
-        self.predicted: dict[int, None] = {}  # data addresses of the arrays predict returned (ordered: the latest)
+        self.predicted: dict[int, weakref.ref] = {}  # the arrays predict returned and that are alive, by id
         self.holders: list[dict] = []
         self.event("start")
         threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
@@ -126,11 +127,17 @@ class Recorder:
             self.api_depth -= 1
             self.api_exit_t = self.now()
 
+    def _forget(self, key: int, _ref: Any = None) -> None:
+        self.predicted.pop(key, None)
+
     def returned(self, outputs) -> None:
-        """What a predict call returned: the arrays' data addresses, to tell later whether the script keeps them."""
-        for address in array_addresses(outputs):
-            self.predicted.pop(address, None)
-            self.predicted[address] = None
+        """What a predict call returned: its arrays, watched (weakly) to tell later whether the script keeps them."""
+        for array in arrays_in(outputs):
+            key = id(array)
+            try:
+                self.predicted[key] = weakref.ref(array, functools.partial(self._forget, key))
+            except TypeError:  # an array type without weak references: not watched
+                continue
         while len(self.predicted) > MAX_WATCHED:
             del self.predicted[next(iter(self.predicted))]
 
@@ -168,7 +175,10 @@ class Recorder:
             grew = census_growth(first["stats"], {k: list(v) for k, v in stats.items()})
             types = {name for size, _, name in grew if name in DATA_TYPES and size >= HOLDERS_FOR_MB * 2**20}
             if types:
-                self.holders = holders(types, self.sites, watch=self.predicted.keys())
+                # A holder of what grew holds at least a quarter of the objects that grew.
+                grown = sum(count for size, count, name in grew if name in types)
+                watch = {key for key, ref in list(self.predicted.items()) if ref() is not None}
+                self.holders = holders(types, self.sites, watch=watch, min_objects=max(1, grown // 4))
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,

@@ -175,8 +175,8 @@ class LeakDetector(Policy):
     for Python-side accumulation, the line of a callback, custom step or loop that adds to the list or dict
     holding what grew (`safetrain.diagnostics.holders`); for retracing, the `def` of a custom step. With
     `rehydrate=True` it also re-hydrates whenever it fires. It takes a census of live objects after the
-    first epoch and again when it fires (a few tenths of a second each, and about half a second more to find
-    who holds what grew); the slope is fitted from the second epoch on.
+    first epoch and again when it fires (a few tenths of a second each, and 0.5-1.5 s more to find who
+    holds what grew; that search never raises into the fit); the slope is fitted from the second epoch on.
 
     Example:
         >>> detector = LeakDetector(window=10, threshold_mb_per_epoch=1.0)
@@ -307,15 +307,20 @@ def _holders(first: dict, last: dict) -> list[dict]:
     types = {name for size, _, name in grew if name in DATA_TYPES and size >= 2**20}
     if not types:
         return []
-    return holders(types, Sites(None))  # the user's code: any file outside the libraries
+    grown = sum(count for size, count, name in grew if name in types)
+    # The user's code: any file outside the libraries. `holders` never raises: a diagnosis must not stop a fit.
+    return holders(types, Sites(None), min_objects=max(1, grown // 4))
 
 
 def _step_defined(trainer, kind: str) -> tuple[str, int] | None:
     """Where the `kind` step is defined when it is the user's (a trainer's or a model's override)."""
     from safetrain.diagnostics.sites import Sites
 
-    method = trainer.step_method(kind, microbatched=False)
-    return Sites(None).defined(getattr(method, "__func__", method))
+    try:
+        method = trainer.step_method(kind, microbatched=False)
+        return Sites(None).defined(getattr(method, "__func__", method))
+    except Exception:  # a diagnosis must not stop a fit
+        return None
 
 
 def _at(cause: dict) -> str:
