@@ -19,13 +19,17 @@ import gc
 import itertools
 import sys
 import types
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
-from safetrain.diagnostics.measure import _TENSOR_TYPES, _array_bytes, _buffer_bytes, live_buffers
+from safetrain.diagnostics.measure import _TENSOR_TYPES, _array_bytes, _buffer_bytes, census_growth, live_buffers
+from safetrain.diagnostics.rules import DATA_TYPES
 from safetrain.diagnostics.sites import Sites
 
-__all__ = ["holders", "mutations", "arrays_in"]
+__all__ = ["holders", "holders_of_growth", "mutations", "arrays_in"]
+
+#: who holds a data type is looked for when its bytes grew at least this much between two censuses
+GROWTH_BYTES = 1 << 20
 
 _HOLDS = (list, tuple, dict, set, frozenset, collections.deque)
 #: methods that add to a container
@@ -76,6 +80,19 @@ def holders(
         return _holders(set(type_names), sites, watch, limit, min_bytes, min_objects)
     except Exception:  # a diagnosis must never break the run it diagnoses
         return []
+
+
+def holders_of_growth(
+    first: Mapping[str, Sequence[int]], last: Mapping[str, Sequence[int]], sites: Sites, watch: Set[int] = frozenset()
+) -> list[dict]:
+    """`holders` of the data types (arrays, tensors, bytes) that grew by `GROWTH_BYTES` or more from census
+    `first` to census `last`, each holder holding at least a quarter of the objects that grew; [] if none grew."""
+    grew = census_growth(first, last)
+    types = {name for size, _, name in grew if name in DATA_TYPES and size >= GROWTH_BYTES}
+    if not types:
+        return []
+    grown = sum(count for _, count, name in grew if name in types)
+    return holders(types, sites, watch=watch, min_objects=max(1, grown // 4))
 
 
 def _holders(names: set[str], sites: Sites, watch: Set[int], limit: int, min_bytes: int, min_objects: int) -> list:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from safetrain.diagnostics import census
+from safetrain.diagnostics.holders import arrays_in
 from safetrain.diagnostics.sites import Sites
 from safetrain.doctor.recorder import Recorder
 
@@ -57,15 +58,8 @@ def _signature(func, args, kwargs) -> dict[str, str]:
 
 
 def _nbytes(value) -> int:
-    """Bytes of the NumPy-like arrays in `value` (nested lists, tuples and dicts); tensors and datasets are 0."""
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    return 0
+    """Bytes of the NumPy arrays in `value` (nested lists, tuples and dicts); tensors and datasets are 0."""
+    return sum(int(a.nbytes) for a in arrays_in(value))
 
 
 def _rows(value) -> int:

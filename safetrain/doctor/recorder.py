@@ -14,9 +14,8 @@ import time
 import weakref
 from typing import Any
 
-from safetrain.diagnostics import census, census_growth, read_memory
-from safetrain.diagnostics.holders import arrays_in, holders
-from safetrain.diagnostics.rules import DATA_TYPES
+from safetrain.diagnostics import census, read_memory
+from safetrain.diagnostics.holders import arrays_in, holders_of_growth
 from safetrain.diagnostics.sites import Sites
 
 __all__ = ["Recorder", "WARMUP"]
@@ -29,7 +28,6 @@ CENSUS_WAIT_S = 2.0  # how long the first census waits for an event of the scrip
 NO_LOOP_AFTER_S = 0.5  # no loop recognized, outside Keras's loops this long after the first model: census anyway
 # Events that say where in the user's script they came from (`where`: the innermost two frames of the script's own).
 WHERE_KINDS = frozenset({"model", "compile", "predict", "data", "trace", "fit_begin", "epoch"})
-HOLDERS_FOR_MB = 1.0  # at the last census, who holds each data type that grew at least this much is looked for
 MAX_WATCHED = 100_000  # predict's output arrays watched (weak references, the latest)
 # Warm-up ends (the baseline for all growth) at the first of these counts.
 WARMUP = dict(epochs=1, models=2, compiles=2, predicts=5, batches=5, gradients=5, calls=5, model_calls=5)
@@ -172,13 +170,8 @@ class Recorder:
         first = self.census.get("first")
         if when == "last" and first is not None and self.sites is not None:
             # Who keeps the data that grew, and the lines that add to it.
-            grew = census_growth(first["stats"], {k: list(v) for k, v in stats.items()})
-            types = {name for size, _, name in grew if name in DATA_TYPES and size >= HOLDERS_FOR_MB * 2**20}
-            if types:
-                # A holder of what grew holds at least a quarter of the objects that grew.
-                grown = sum(count for size, count, name in grew if name in types)
-                watch = {key for key, ref in list(self.predicted.items()) if ref() is not None}
-                self.holders = holders(types, self.sites, watch=watch, min_objects=max(1, grown // 4))
+            watch = {key for key, ref in list(self.predicted.items()) if ref() is not None}
+            self.holders = holders_of_growth(first["stats"], stats, self.sites, watch=watch)
         self.census[when] = dict(
             stats={k: list(v) for k, v in stats.items()},
             seconds=time.perf_counter() - t0,

@@ -299,17 +299,11 @@ class LeakDetector(Policy):
 
 def _holders(first: dict, last: dict) -> list[dict]:
     """Who holds the arrays and tensors that grew between two censuses, and the user's lines that add to them."""
-    from safetrain.diagnostics.holders import holders
-    from safetrain.diagnostics.rules import DATA_TYPES
+    from safetrain.diagnostics.holders import holders_of_growth
     from safetrain.diagnostics.sites import Sites
 
-    grew = diagnostics.census_growth(first, last)
-    types = {name for size, _, name in grew if name in DATA_TYPES and size >= 2**20}
-    if not types:
-        return []
-    grown = sum(count for size, count, name in grew if name in types)
     # The user's code: any file outside the libraries. `holders` never raises: a diagnosis must not stop a fit.
-    return holders(types, Sites(None), min_objects=max(1, grown // 4))
+    return holders_of_growth(first, last, Sites(None))
 
 
 def _step_defined(trainer, kind: str) -> tuple[str, int] | None:
