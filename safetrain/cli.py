@@ -1,5 +1,5 @@
-"""Command line: `python -m safetrain demo` and `python -m safetrain doctor script.py` (also the
-`safetrain` console script)."""
+"""Command line: `python -m safetrain demo`, `python -m safetrain doctor script.py` and
+`python -m safetrain plan script.py` (also the `safetrain` console script)."""
 
 from __future__ import annotations
 
@@ -168,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from safetrain.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["plan"]:  # likewise: the script's arguments follow it
+        from safetrain.plan_script import main as plan_main
+
+        return plan_main(argv[1:])
     # The demo is our own program: keep TensorFlow's start-up INFO lines out of its output (importing the
     # library itself leaves the environment alone).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -175,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "doctor", help="run a training script unmodified and diagnose why its memory grows (safetrain doctor -h)"
+    )
+    sub.add_parser(
+        "plan",
+        help="run a training script up to its first fit and print that fit's memory plan, untrained "
+        "(safetrain plan -h)",
     )
     p = sub.add_parser("demo", help="train a small model on synthetic data; print memory and trace counts")
     p.add_argument("--epochs", type=int, default=8)

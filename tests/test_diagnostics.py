@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from safetrain import diagnostics, memory
-from safetrain.doctor.instrument import _AfterImport
+from safetrain.scripts import _AfterImport
 
 
 def test_census_counts_tensors_variables_and_arrays_by_the_bytes_they_hold():

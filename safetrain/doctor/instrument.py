@@ -11,9 +11,7 @@ read every 0.1 s between them, and an object census once memory grows after warm
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import inspect
-import os
 import sys
 import threading
 import time
@@ -25,6 +23,7 @@ from safetrain.diagnostics import census
 from safetrain.diagnostics.holders import arrays_in
 from safetrain.diagnostics.sites import Sites
 from safetrain.doctor.recorder import Recorder
+from safetrain.scripts import after_import, as_main, run_script
 
 __all__ = ["census", "child_main"]
 
@@ -88,48 +87,6 @@ def _built_by_keras(model) -> bool:
     return False
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Call `callback` right after module `name` is first executed, whoever imports it and in whatever order
-    (so that whatever the script sets before importing TensorFlow, such as environment variables, still applies).
-
-    The finder stays first on `sys.meta_path` until the module has run: a mere look-up
-    (`importlib.util.find_spec("keras")`, which TensorFlow's import does) gets a spec that is thrown away,
-    and the import that follows comes back here for a new one.
-    """
-
-    def __init__(self, name: str, callback) -> None:
-        self.name, self.callback = name, callback
-        self._busy = threading.local()
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name or getattr(self._busy, "on", False):
-            return None
-        self._busy.on = True
-        try:
-            spec = None
-            for finder in list(sys.meta_path):
-                find = getattr(finder, "find_spec", None)
-                if finder is self or find is None:
-                    continue
-                spec = find(fullname, path, target)
-                if spec is not None:
-                    break
-        finally:
-            self._busy.on = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_patch(module):
-            exec_module(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            self.callback()
-
-        spec.loader.exec_module = exec_then_patch
-        return spec
-
-
 def _install(rec: Recorder) -> None:
     """Patch TensorFlow, Keras and SafeTrainer as each is imported, so that their calls report to `rec`."""
     done: set[str] = set()
@@ -147,10 +104,7 @@ def _install(rec: Recorder) -> None:
         ("keras", _patch_keras),
         ("safetrain.trainer", _patch_safetrain),
     ):
-        if name in sys.modules:
-            once(name, patch)()
-        else:
-            sys.meta_path.insert(0, _AfterImport(name, once(name, patch)))
+        after_import(name, once(name, patch))
 
 
 def _patch_tensorflow(rec: Recorder) -> None:
@@ -410,24 +364,18 @@ def child_main(argv: Sequence[str]) -> int:
     rec = Recorder(out_path)
     rec.sites = Sites(script)
     _install(rec)
-    sys.argv = [script, *script_args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     # The script's namespace stays alive until the last census: what it holds at the end is evidence.
-    module = types.ModuleType("__main__")
-    module.__file__ = script
-    sys.modules["__main__"] = module
-    try:
-        with open(script, "rb") as f:
-            code = compile(f.read(), script, "exec")
-        exec(code, module.__dict__)
-    except SystemExit as e:
-        rec.exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException as e:  # the script's own failure: report it, then diagnose what ran
-        import traceback
+    with as_main(script, script_args, restore=False) as module:
+        try:
+            run_script(module)
+        except SystemExit as e:
+            rec.exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException as e:  # the script's own failure: report it, then diagnose what ran
+            import traceback
 
-        rec.exit_code = 1
-        rec.error = "".join(traceback.format_exception_only(type(e), e)).strip()
-        traceback.print_exc()
-    finally:
-        rec.finish()
+            rec.exit_code = 1
+            rec.error = "".join(traceback.format_exception_only(type(e), e)).strip()
+            traceback.print_exc()
+        finally:
+            rec.finish()
     return rec.exit_code
