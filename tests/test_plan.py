@@ -355,6 +355,24 @@ def test_probe_sizes_end_at_the_batch_size():
     assert dataclasses.is_dataclass(plan.MemoryPlan)
 
 
+def test_the_line_goes_through_a_probe_at_the_batch_size_and_over_every_other():
+    from safetrain.plan.probes import _line
+
+    # The LSTM at 2048 in the benchmark: a pool allocator puts the 512 probe above a least-squares line.
+    points = [(256, 143.0), (512, 318.0), (1024, 515.0), (2048, 953.0)]
+    intercept, per = _line(points, 0.0, measured=2048)
+    assert intercept + per * 2048 == pytest.approx(953.0)  # what the step at the batch size measured
+    assert per == pytest.approx((953 - 318) / 1536)  # the least slope that keeps every probe under the line
+    assert all(intercept + per * b >= p - 1e-9 for b, p in points)
+    # Extrapolated (the last probe is not the batch size): least squares, raised over the highest point.
+    intercept, per = _line(points, 0.0, measured=4096)
+    assert all(intercept + per * b >= p - 1e-9 for b, p in points)
+    assert intercept + per * 2048 > 953.0 + 30  # the raised line over-predicts the measured step
+    # The floor holds either way: a sample costs at least its bytes.
+    intercept, per = _line(points, 1.0, measured=2048)
+    assert per == 1.0 and all(intercept + per * b >= p - 1e-9 for b, p in points)
+
+
 def test_auto_plans_once_for_the_same_input():
     trainer = SafeTrainer(make_mlp(), memory_budget_mb="auto")
     trainer.fit(x, y, batch_size=32, epochs=1, verbose=0)

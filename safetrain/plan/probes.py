@@ -101,10 +101,16 @@ def _probe_batch(batches, spec, size: int):
     return tf.nest.map_structure(zeros, spec)
 
 
-def _line(points: list[tuple[int, float]], floor_per_sample: float) -> tuple[float, float]:
+def _line(points: list[tuple[int, float]], floor_per_sample: float, measured: int | None = None) -> tuple[float, float]:
     """(intercept, per sample) of a line over `(batch, peak)` points that no point lies above: the slope by
-    least squares (at least `floor_per_sample`), the intercept raised to the highest point."""
-    if len(points) >= 2:
+    least squares (at least `floor_per_sample`), the intercept raised to the highest point. Where the last point
+    is at batch `measured` (a probe ran at the batch size planned for), the line goes through it: what that step
+    measured is the prediction there, and the slope is the least that keeps the other points under the line
+    (a pool allocator makes the smaller probes' peaks lie above a least-squares line through the larger ones)."""
+    if len(points) >= 2 and points[-1][0] == measured:
+        (last, top), earlier = points[-1], points[:-1]
+        per = max(floor_per_sample, min((top - p) / (last - b) for b, p in earlier))
+    elif len(points) >= 2:
         per = slope([p for _, p in points], [b for b, _ in points])
         per = max(floor_per_sample, per if per == per else 0.0)
     else:
@@ -280,7 +286,7 @@ def make_plan(
             f"plan debug: base {probes.base_mb:.1f} trace {probes.trace_mb:.1f} graph {probes.graph_mb:.1f} "
             f"left {left:.1f} allocator {allocator_points}"
         )
-    intercept, per = _line(points, _floor(points, probes, row_mb))
+    intercept, per = _line(points, _floor(points, probes, row_mb), measured=batch_size)
     # The fit traces its own step (the probes' compiled copy is dropped): that graph's memory comes on top.
     intercept += probes.graph_mb
     device_peak = device_per = None
