@@ -7,12 +7,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from safetrain.diagnostics.measure import census_growth, slope
-from safetrain.diagnostics.sites import describe, group
+from safetrain.diagnostics.sites import describe, events_lines, kept_lines, model_lines
 
 __all__ = ["CAUSES", "WARNINGS", "FIXES", "DATA_TYPES", "diagnose", "retraced"]
 
@@ -76,33 +77,12 @@ FIXES = {
 }
 
 
-def _where(events: Sequence[Mapping], depth: int = 0, role: str | None = None) -> list[dict]:
-    """The user's lines the events came from (`where`, innermost frame first), the most frequent first."""
-    return group((e["where"][depth] for e in events if len(e.get("where") or ()) > depth), role=role)
-
-
-def _model_lines(models: Sequence[Mapping]) -> list[dict]:
-    """Where models were constructed, and the calls in the loop that reached those lines (a builder's caller)."""
-    inner = _where(models, 0, "constructed")
-    outer = [o for o in _where(models, 1, "called") if all(o["line"] != i["line"] for i in inner)]
-    return inner + outer
-
-
 def _kept_per_call(rec: Mapping[str, Any], predicts: Sequence[Mapping]) -> float | None:
     """MiB per predict call of the arrays predict returned that the script still holds at the end (None when
     nobody looked: no holders recorded)."""
     if "holders" not in rec or not predicts:
         return None
     return sum(h.get("watched_bytes", 0) for h in rec["holders"]) / 2**20 / len(predicts)
-
-
-def _kept_lines(rec: Mapping[str, Any]) -> list[dict]:
-    """The lines of the user's code that add to the places holding the data that grew (`holders`)."""
-    out = []
-    for h in rec.get("holders") or ():
-        role = f"adds to {h['holder']}"
-        out += [describe(f, n, role=role) for f, n in h.get("lines", ())[:2]]
-    return out
 
 
 def _slope0(values: Sequence[float]) -> float:
@@ -207,25 +187,35 @@ def retraced(rec: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def diagnose(rec: Mapping[str, Any]) -> dict:
-    """Causes and warnings found in a record (see the module docstring): `{causes, warnings, leak, ...}`.
+@dataclasses.dataclass
+class _Found:
+    """What the rules have found so far in one record: causes, warnings, the growth they account for, and the
+    object census's growth they read."""
 
-    Each cause is `{cause, title, evidence, fix, growth_mb, ...}`; every one needs its own evidence and memory
-    that grew after warm-up by what it accounts for. Warnings (a stateful layer never reset, retracing with
-    memory flat) are problems that do not grow memory. `leak` is whether any cause was found.
+    run: _Run
+    rec: Mapping[str, Any]
+    causes: list[dict] = dataclasses.field(default_factory=list)
+    warnings: list[dict] = dataclasses.field(default_factory=list)
+    explained: float = 0.0
+    grew: list = dataclasses.field(default_factory=list)  # census_growth between the two censuses
+    counted: bool = False  # whether both censuses were taken
+    object_mb: float = 0.0  # live objects grown between them, by the bytes they hold
+    data_mb: float = 0.0  # of which data (DATA_TYPES)
 
-    Example:
-        >>> diagnose(record)["causes"][0]["title"]
-        'retracing: `train_step` was traced 21 times'
-    """
-    run = _Run(rec)
-    causes: list[dict] = []
-    warnings_: list[dict] = []
-    explained = 0.0
-    unit, per_unit = _loop_unit(run, rec)
+    def cause(self, explains: float, **fields: Any) -> None:
+        """Add a cause that accounts for `explains` MiB of the growth."""
+        self.causes.append(fields)
+        self.explained += explains
 
-    # Retracing: one function traced again and again for new signatures, memory growing with the traces.
-    for fn in rec.get("functions", ()):
+    def loop_causes(self) -> bool:
+        """Whether a cause that repeats work in a loop was found (graphs and models leave objects too)."""
+        return any(c["cause"] in ("retracing", "recompiling", "models_in_loop", "predict_in_loop") for c in self.causes)
+
+
+def _retracing(found: _Found) -> None:
+    """One function traced again and again for new signatures, memory growing with the traces (else a warning)."""
+    run = found.run
+    for fn in found.rec.get("functions", ()):
         traces = _effective_traces(fn)
         if len(traces) < MIN_RETRACES or len(_signatures(traces)) < MIN_RETRACES:
             continue
@@ -239,31 +229,29 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         )
         all_traces = run.of("trace", function=fn["name"])
         after = [e for e in all_traces if e["t"] > run.base_t]
-        lines = _where(all_traces, 0, "call")
+        lines = events_lines(all_traces, 0, "call")
         if fn.get("defined"):
             where, line = fn["defined"]
             lines.append(describe(where, line, role="definition"))
         growth = (after[-1][run.key] - run.base_m) if after else 0.0
         per = growth / max(1, len(after))
         if len(after) >= 2 and growth >= RETRACE_GROWTH_MB:
-            causes.append(
-                dict(
-                    cause="retracing",
-                    title=f"retracing: `{fn['name']}` was traced {len(traces)} times",
-                    evidence=f"{arg_text}; {len(after)} traces after warm-up with memory {growth:+.1f} MiB over "
-                    f"them ({per:+.2f} MiB per trace): a traced graph is never freed while its function lives",
-                    fix=FIXES["retracing"],
-                    function=fn["name"],
-                    traces=len(traces),
-                    traces_after_warmup=len(after),
-                    varied=varied,
-                    growth_mb=growth,
-                    lines=lines,
-                )
+            found.cause(
+                max(growth, 0.0),
+                cause="retracing",
+                title=f"retracing: `{fn['name']}` was traced {len(traces)} times",
+                evidence=f"{arg_text}; {len(after)} traces after warm-up with memory {growth:+.1f} MiB over "
+                f"them ({per:+.2f} MiB per trace): a traced graph is never freed while its function lives",
+                fix=FIXES["retracing"],
+                function=fn["name"],
+                traces=len(traces),
+                traces_after_warmup=len(after),
+                varied=varied,
+                growth_mb=growth,
+                lines=lines,
             )
-            explained += max(growth, 0.0)
         else:
-            warnings_.append(
+            found.warnings.append(
                 dict(
                     cause="retraced",
                     title=f"retraced without growing memory: `{fn['name']}` traced {len(traces)} times",
@@ -277,7 +265,10 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                 )
             )
 
-    # Re-compiling one model again and again: new train/test functions each time, each traced anew.
+
+def _recompiling(found: _Found) -> None:
+    """Re-compiling one model again and again: new train/test functions each time, each traced anew."""
+    run = found.run
     compiles: dict[str, list[dict]] = {}
     for e in run.of("compile"):
         compiles.setdefault(e.get("model", "?"), []).append(e)
@@ -291,110 +282,106 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
             since = events[0]["t"]
             made = [
                 fn
-                for fn in rec.get("functions", ())
+                for fn in found.rec.get("functions", ())
                 if any(t.get("t", 0.0) >= since for t in fn.get("traces", ()) if isinstance(t, Mapping))
             ]
             n_traces = sum(len(fn.get("traces", ())) for fn in made)
-            causes.append(
-                dict(
-                    cause="recompiling",
-                    title=f"re-compiling in a loop: `{model}` compiled {len(events)} times",
-                    evidence=f"each compile() drops the model's train/test functions and the next fit traces new "
-                    f"ones: {len(made)} tf.functions traced {n_traces} times since the first compile; memory "
-                    f"{per_compile:+.1f} MiB per compile ({growth:+.1f} MiB from the second compile to the end)",
-                    fix=FIXES["recompiling"],
-                    model=model,
-                    compiles=len(events),
-                    functions=len(made),
-                    slope_mb_per_compile=per_compile,
-                    growth_mb=growth,
-                    lines=_where(events, 0, "compile"),
-                )
+            found.cause(
+                max(growth, 0.0),
+                cause="recompiling",
+                title=f"re-compiling in a loop: `{model}` compiled {len(events)} times",
+                evidence=f"each compile() drops the model's train/test functions and the next fit traces new "
+                f"ones: {len(made)} tf.functions traced {n_traces} times since the first compile; memory "
+                f"{per_compile:+.1f} MiB per compile ({growth:+.1f} MiB from the second compile to the end)",
+                fix=FIXES["recompiling"],
+                model=model,
+                compiles=len(events),
+                functions=len(made),
+                slope_mb_per_compile=per_compile,
+                growth_mb=growth,
+                lines=events_lines(events, 0, "compile"),
             )
-            explained += max(growth, 0.0)
 
-    # Models built in a loop.
+
+def _models_in_loop(found: _Found) -> None:
+    """Models built in a loop, memory growing with each; or, where builds are not timed, more models alive."""
+    run = found.run
     models = run.of("model")
-    live_growth = int(rec.get("live_models_growth", 0))
+    live_growth = int(found.rec.get("live_models_growth", 0))
     if len(models) >= MIN_MODELS:
         ms = [e[run.key] for e in models]
         per_model = _slope0(ms[1:]) if len(ms) > 3 else _slope0(ms)
         growth = run.end_m - ms[1]
         if per_model > MODEL_SLOPE_MB and growth > OBJECT_GROWTH_MB and _keeps_growing(ms[1:], per_model):
-            causes.append(
-                dict(
-                    cause="models_in_loop",
-                    title=f"models built in a loop: {len(models)} models, memory never returned",
-                    evidence=f"memory {per_model:+.1f} MiB per model built ({ms[0]:.0f} -> {run.end_m:.0f} MiB over "
-                    f"{len(models)} models); each model keeps its weights, optimizer and traced functions alive "
-                    "as long as Keras's global state does",
-                    fix=FIXES["models_in_loop"],
-                    models=len(models),
-                    slope_mb_per_model=per_model,
-                    growth_mb=growth,
-                    lines=_model_lines(models),
-                )
-            )
-            explained += max(growth, 0.0)
-    elif live_growth > 0 and run.growth > OBJECT_GROWTH_MB:
-        causes.append(
-            dict(
+            found.cause(
+                max(growth, 0.0),
                 cause="models_in_loop",
-                title=f"models kept alive: {live_growth} more Keras models than after warm-up",
-                evidence=f"memory {run.growth:+.1f} MiB since {run.base_reason} while {live_growth} more models "
-                "stayed alive",
+                title=f"models built in a loop: {len(models)} models, memory never returned",
+                evidence=f"memory {per_model:+.1f} MiB per model built ({ms[0]:.0f} -> {run.end_m:.0f} MiB over "
+                f"{len(models)} models); each model keeps its weights, optimizer and traced functions alive "
+                "as long as Keras's global state does",
                 fix=FIXES["models_in_loop"],
-                models=live_growth,
-                growth_mb=run.growth,
-                lines=_model_lines(run.of("model")),
+                models=len(models),
+                slope_mb_per_model=per_model,
+                growth_mb=growth,
+                lines=model_lines(models),
             )
+    elif live_growth > 0 and run.growth > OBJECT_GROWTH_MB:
+        found.cause(
+            max(run.growth, 0.0),
+            cause="models_in_loop",
+            title=f"models kept alive: {live_growth} more Keras models than after warm-up",
+            evidence=f"memory {run.growth:+.1f} MiB since {run.base_reason} while {live_growth} more models "
+            "stayed alive",
+            fix=FIXES["models_in_loop"],
+            models=live_growth,
+            growth_mb=run.growth,
+            lines=model_lines(models),
         )
-        explained += max(run.growth, 0.0)
 
-    # Live objects between the two censuses, by the bytes they hold.
-    first, last = run.census.get("first"), run.census.get("last")
-    grew = census_growth(first["stats"], last["stats"]) if first and last else []
-    object_mb = sum(g[0] for g in grew) / 2**20
-    data_mb = sum(g[0] for g in grew if g[2] in DATA_TYPES) / 2**20
 
-    # predict in a loop: growth per call that live objects do not hold.
+def _predict_in_loop(found: _Found) -> None:
+    """predict in a loop: growth per call that live objects do not hold, and not what the script keeps of it."""
+    run, rec = found.run, found.rec
     predicts = run.of("predict")
-    if len(predicts) >= MIN_PREDICTS:
-        # Memory as each call began (`before_mb`, where recorded): the call's own result, alive when it
-        # returns, is not growth. The first calls trace and warm up.
-        before = all(e.get("before_mb") is not None for e in predicts) and run.key == "anon_mb"
-        ms = [e["before_mb"] if before else e[run.key] for e in predicts[5:]]
-        held = data_mb if first and last else 0.0
-        growth = ms[-1] - ms[0] - held
-        per_call = _slope0(ms) - held / max(1, len(ms))
-        seconds = sum(e.get("seconds", 0.0) for e in predicts) / len(predicts)
-        rows = sorted(e.get("rows", 0) or 0 for e in predicts)[len(predicts) // 2]
-        size = f"{rows} rows per call" if rows else "small inputs"
-        keeps = _kept_per_call(rec, predicts)
-        if (
-            per_call > PREDICT_SLOPE_MB
-            and growth > PREDICT_GROWTH_MB
-            and _keeps_growing(ms, _slope0(ms))
-            # The script keeps what each call returns, and that (not predict) accounts for the growth.
-            and not (keeps is not None and keeps >= KEPT_OUTPUTS_RATIO * per_call)
-        ):
-            causes.append(
-                dict(
-                    cause="predict_in_loop",
-                    title=f"predict in a loop: {len(predicts)} calls of {predicts[0].get('api', 'predict')}",
-                    evidence=f"memory {per_call:+.3f} MiB per call after the first 5 that no live object holds "
-                    f"({growth:+.1f} MiB over {len(predicts) - 5} calls), {seconds * 1000:.0f} ms per call for "
-                    f"{size}: each predict builds a new input pipeline, iterator and callbacks",
-                    fix=FIXES["predict_in_loop"],
-                    calls=len(predicts),
-                    slope_mb_per_call=per_call,
-                    growth_mb=growth,
-                    lines=_where(predicts, 0, "predict"),
-                )
-            )
-            explained += max(growth, 0.0)
+    if len(predicts) < MIN_PREDICTS:
+        return
+    # Memory as each call began (`before_mb`, where recorded): the call's own result, alive when it
+    # returns, is not growth. The first calls trace and warm up.
+    before = all(e.get("before_mb") is not None for e in predicts) and run.key == "anon_mb"
+    ms = [e["before_mb"] if before else e[run.key] for e in predicts[5:]]
+    held = found.data_mb if found.counted else 0.0
+    growth = ms[-1] - ms[0] - held
+    per_call = _slope0(ms) - held / max(1, len(ms))
+    seconds = sum(e.get("seconds", 0.0) for e in predicts) / len(predicts)
+    rows = sorted(e.get("rows", 0) or 0 for e in predicts)[len(predicts) // 2]
+    size = f"{rows} rows per call" if rows else "small inputs"
+    keeps = _kept_per_call(rec, predicts)
+    if (
+        per_call > PREDICT_SLOPE_MB
+        and growth > PREDICT_GROWTH_MB
+        and _keeps_growing(ms, _slope0(ms))
+        # The script keeps what each call returns, and that (not predict) accounts for the growth.
+        and not (keeps is not None and keeps >= KEPT_OUTPUTS_RATIO * per_call)
+    ):
+        found.cause(
+            max(growth, 0.0),
+            cause="predict_in_loop",
+            title=f"predict in a loop: {len(predicts)} calls of {predicts[0].get('api', 'predict')}",
+            evidence=f"memory {per_call:+.3f} MiB per call after the first 5 that no live object holds "
+            f"({growth:+.1f} MiB over {len(predicts) - 5} calls), {seconds * 1000:.0f} ms per call for "
+            f"{size}: each predict builds a new input pipeline, iterator and callbacks",
+            fix=FIXES["predict_in_loop"],
+            calls=len(predicts),
+            slope_mb_per_call=per_call,
+            growth_mb=growth,
+            lines=events_lines(predicts, 0, "predict"),
+        )
 
-    # The data held several times: anonymous memory jumping by a multiple of the arrays handed over.
+
+def _data_copies(found: _Found) -> None:
+    """The data held several times: anonymous memory jumping by a multiple of the arrays handed over."""
+    run = found.run
     for e in run.of("data"):
         nbytes_mb = e.get("nbytes", 0) / 2**20
         if nbytes_mb < DATA_MIN_MB:
@@ -404,83 +391,84 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         jump = run.peak_between(e["t"], t1) - e[run.key]
         copies = (jump - DATA_WARMUP_MB) / nbytes_mb
         if copies >= 1.0:
-            causes.append(
-                dict(
-                    cause="data_copies",
-                    title=f"the data held several times: {nbytes_mb:.0f} MiB of arrays given to {e.get('source')}",
-                    evidence=f"memory jumped {jump:+.0f} MiB when {nbytes_mb:.0f} MiB of arrays were given to "
-                    f"{e.get('source')}: about {jump / nbytes_mb:.1f} more copies of them held at once, beside "
-                    "the arrays themselves",
-                    fix=FIXES["data_copies"],
-                    source=e.get("source"),
-                    nbytes_mb=nbytes_mb,
-                    jump_mb=jump,
-                    copies=jump / nbytes_mb,
-                    growth_mb=jump,
-                    lines=_where([e], 0, "copy"),
-                )
+            found.cause(
+                jump if e["t"] >= run.base_t else 0.0,  # after warm-up began, the jump is part of the growth
+                cause="data_copies",
+                title=f"the data held several times: {nbytes_mb:.0f} MiB of arrays given to {e.get('source')}",
+                evidence=f"memory jumped {jump:+.0f} MiB when {nbytes_mb:.0f} MiB of arrays were given to "
+                f"{e.get('source')}: about {jump / nbytes_mb:.1f} more copies of them held at once, beside "
+                "the arrays themselves",
+                fix=FIXES["data_copies"],
+                source=e.get("source"),
+                nbytes_mb=nbytes_mb,
+                jump_mb=jump,
+                copies=jump / nbytes_mb,
+                growth_mb=jump,
+                lines=events_lines([e], 0, "copy"),
             )
-            if e["t"] >= run.base_t:  # after warm-up began, the jump is part of the growth measured
-                explained += jump
 
-    # Python-side accumulation: live objects, by the bytes they hold, grew and account for the growth.
-    others = any(c["cause"] in ("retracing", "recompiling", "models_in_loop", "predict_in_loop") for c in causes)
-    unexplained = max(run.growth - explained, 0.0)
+
+def _python_accumulation(found: _Found) -> None:
+    """Live objects, by the bytes they hold, grew and account for the growth."""
+    run, rec = found.run, found.rec
+    others = found.loop_causes()
+    unexplained = max(run.growth - found.explained, 0.0)
     # Beside another cause, only data (arrays, tensors, bytes) counts: graphs and models leave objects too.
-    held_mb = data_mb if others else object_mb
-    types = [g for g in grew if g[0] / 2**20 >= 1.0 and (g[2] in DATA_TYPES or not others)][:4]
+    held_mb = found.data_mb if others else found.object_mb
+    types = [g for g in found.grew if g[0] / 2**20 >= 1.0 and (g[2] in DATA_TYPES or not others)][:4]
     window = min(unexplained, run.census_growth) if others else run.census_growth
     if held_mb > OBJECT_GROWTH_MB and types and held_mb >= 0.5 * window:
-        causes.append(
-            dict(
-                cause="python_accumulation",
-                title="Python-side accumulation: live objects keep growing",
-                evidence="grew between warm-up and the end: "
-                + ", ".join(f"{name} {count:+d} objects ({size / 2**20:+.1f} MiB)" for size, count, name in types)
-                + f"; {held_mb:+.1f} MiB held by live objects, of {run.growth:+.1f} MiB memory growth"
-                + "".join(
-                    f"; {h['holder']} holds {h['bytes'] / 2**20:.1f} MiB in {h['objects']} objects"
-                    for h in rec.get("holders") or ()
-                ),
-                fix=FIXES["python_accumulation"],
-                types=[name for _, _, name in types],
-                growth_mb=held_mb,
-                lines=_kept_lines(rec),
-                holders=[h["holder"] for h in rec.get("holders") or ()],
-            )
+        found.cause(
+            held_mb,
+            cause="python_accumulation",
+            title="Python-side accumulation: live objects keep growing",
+            evidence="grew between warm-up and the end: "
+            + ", ".join(f"{name} {count:+d} objects ({size / 2**20:+.1f} MiB)" for size, count, name in types)
+            + f"; {held_mb:+.1f} MiB held by live objects, of {run.growth:+.1f} MiB memory growth"
+            + "".join(
+                f"; {h['holder']} holds {h['bytes'] / 2**20:.1f} MiB in {h['objects']} objects"
+                for h in rec.get("holders") or ()
+            ),
+            fix=FIXES["python_accumulation"],
+            types=[name for _, _, name in types],
+            growth_mb=held_mb,
+            lines=kept_lines(rec.get("holders") or ()),
+            holders=[h["holder"] for h in rec.get("holders") or ()],
         )
-        explained += held_mb
 
-    # Allocator growth: memory grew after warm-up and nothing above, live objects included, accounts for it.
+
+def _allocator_growth(found: _Found, epoch_slope: float, unit: str | None, per_unit: float) -> None:
+    """Memory grew after warm-up and nothing above, live objects included, accounts for it."""
+    run = found.run
     epoch_ms = [e[run.key] for e in run.epochs[1:]]
-    epoch_slope = _slope0(epoch_ms) if len(run.epochs) > 3 else 0.0
-    unexplained = run.growth - explained
+    unexplained = run.growth - found.explained
     if (
-        not others
+        not found.loop_causes()
         and unexplained > UNEXPLAINED_GROWTH_MB
         and (epoch_slope > EPOCH_SLOPE_MB and _keeps_growing(epoch_ms, epoch_slope) or len(run.epochs) <= 3)
-        and object_mb < 0.25 * run.growth
+        and found.object_mb < 0.25 * run.growth
     ):
         rate = f" ({per_unit:+.2f} MiB per {unit})" if unit else ""
-        causes.append(
-            dict(
-                cause="allocator_growth",
-                title="allocator growth with no live-object growth",
-                evidence=f"memory {run.growth:+.1f} MiB after warm-up{rate} while "
-                + (f"live objects grew {object_mb:+.1f} MiB" if first and last else "no objects were counted")
-                + " and no traces, compiles, models or predict calls piled up: memory freed inside the process but "
-                "kept by the allocator, or held by native code",
-                fix=FIXES["allocator_growth"],
-                growth_mb=run.growth,
-                slope_mb_per_epoch=epoch_slope,
-                lines=_loop_lines(run, unit),
-            )
+        found.cause(
+            0.0,
+            cause="allocator_growth",
+            title="allocator growth with no live-object growth",
+            evidence=f"memory {run.growth:+.1f} MiB after warm-up{rate} while "
+            + (f"live objects grew {found.object_mb:+.1f} MiB" if found.counted else "no objects were counted")
+            + " and no traces, compiles, models or predict calls piled up: memory freed inside the process but "
+            "kept by the allocator, or held by native code",
+            fix=FIXES["allocator_growth"],
+            growth_mb=run.growth,
+            slope_mb_per_epoch=epoch_slope,
+            lines=_loop_lines(run, unit),
         )
 
-    # Stateful layers never reset: a correctness problem, not a growing one.
-    for key, entry in rec.get("stateful", {}).items():
+
+def _stateful_not_reset(found: _Found) -> None:
+    """Stateful layers never reset: a correctness problem, not a growing one (a warning)."""
+    for key, entry in found.rec.get("stateful", {}).items():
         if entry.get("epochs", 0) >= 2 and entry.get("resets", 0) == 0:
-            warnings_.append(
+            found.warnings.append(
                 dict(
                     cause="stateful_not_reset",
                     title=f"stateful layer never reset: {entry.get('class', 'layer')} `{key}`",
@@ -493,10 +481,38 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
                 )
             )
 
+
+def diagnose(rec: Mapping[str, Any]) -> dict:
+    """Causes and warnings found in a record (see the module docstring): `{causes, warnings, leak, ...}`.
+
+    Each cause is `{cause, title, evidence, fix, growth_mb, ...}`; every one needs its own evidence and memory
+    that grew after warm-up by what it accounts for. Warnings (a stateful layer never reset, retracing with
+    memory flat) are problems that do not grow memory. `leak` is whether any cause was found. The rules run in
+    order: the causes that repeat work in a loop first, then the data, then what live objects hold, and
+    allocator growth only for what none of them accounts for.
+
+    Example:
+        >>> diagnose(record)["causes"][0]["title"]
+        'retracing: `train_step` was traced 21 times'
+    """
+    run = _Run(rec)
+    found = _Found(run, rec)
+    first, last = run.census.get("first"), run.census.get("last")
+    if first and last:
+        found.counted = True
+        found.grew = census_growth(first["stats"], last["stats"])
+        found.object_mb = sum(g[0] for g in found.grew) / 2**20
+        found.data_mb = sum(g[0] for g in found.grew if g[2] in DATA_TYPES) / 2**20
+    unit, per_unit = _loop_unit(run, rec)
+    epoch_slope = _slope0([e[run.key] for e in run.epochs[1:]]) if len(run.epochs) > 3 else 0.0
+    for rule in (_retracing, _recompiling, _models_in_loop, _predict_in_loop, _data_copies, _python_accumulation):
+        rule(found)
+    _allocator_growth(found, epoch_slope, unit, per_unit)
+    _stateful_not_reset(found)
     return dict(
-        causes=causes,
-        warnings=warnings_,
-        leak=bool(causes),
+        causes=found.causes,
+        warnings=found.warnings,
+        leak=bool(found.causes),
         memory_key=run.key,
         start_mb=run.readings[0][1] if run.readings else None,
         peak_mb=max(m for _, m in run.readings) if run.readings else None,
@@ -505,10 +521,10 @@ def diagnose(rec: Mapping[str, Any]) -> dict:
         baseline_reason=run.base_reason,
         end_mb=run.end_m,
         growth_mb=run.growth,
-        explained_mb=explained,
-        object_growth_mb=object_mb,
-        data_growth_mb=data_mb,
-        grew=grew[:8],
+        explained_mb=found.explained,
+        object_growth_mb=found.object_mb,
+        data_growth_mb=found.data_mb,
+        grew=found.grew[:8],
         epoch_slope_mb=epoch_slope,
         unit=unit,
         slope_mb_per_unit=per_unit,
@@ -524,7 +540,7 @@ def _loop_lines(run: _Run, unit: str | None) -> list[dict]:
     repeated in the script's own loop."""
     kind = _UNIT_KINDS.get(unit or "")
     events = run.of(kind) if kind else []
-    return _where(events, 0, "loop")
+    return events_lines(events, 0, "loop")
 
 
 def _loop_unit(run: _Run, rec: Mapping[str, Any]) -> tuple[str | None, float]:

@@ -14,9 +14,9 @@ import sys
 import sysconfig
 import types
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["Sites", "group", "describe"]
+__all__ = ["Sites", "group", "describe", "events_lines", "model_lines", "kept_lines"]
 
 _SAFETRAIN = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 _LIBRARIES = tuple(
@@ -91,3 +91,25 @@ def group(sites: Iterable[Sequence], role: str | None = None, limit: int = 3) ->
     """The most frequent of `sites` (`(file, line)` pairs), with how often each came, as `describe` gives them."""
     counts = Counter((str(f), int(n)) for f, n in sites)
     return [describe(f, n, count=c, role=role) for (f, n), c in counts.most_common(limit)]
+
+
+def events_lines(events: Sequence[Mapping], depth: int = 0, role: str | None = None) -> list[dict]:
+    """The user's lines the recorded events came from (their `where`, innermost frame first, `depth` frames
+    out), the most frequent first."""
+    return group((e["where"][depth] for e in events if len(e.get("where") or ()) > depth), role=role)
+
+
+def model_lines(models: Sequence[Mapping]) -> list[dict]:
+    """Where models were constructed, and the calls in the loop that reached those lines (a builder's caller)."""
+    inner = events_lines(models, 0, "constructed")
+    outer = [o for o in events_lines(models, 1, "called") if all(o["line"] != i["line"] for i in inner)]
+    return inner + outer
+
+
+def kept_lines(holders: Iterable[Mapping]) -> list[dict]:
+    """The lines of the user's code that add to the places holding the data that grew (`holders` of a record)."""
+    out = []
+    for h in holders:
+        role = f"adds to {h['holder']}"
+        out += [describe(f, n, role=role) for f, n in h.get("lines", ())[:2]]
+    return out
