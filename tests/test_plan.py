@@ -185,6 +185,54 @@ def test_a_budget_runs_microbatches_with_the_numbers_of_whole_batches(monkeypatc
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+class _FakeProbes:
+    """`_Probes` with the peaks given, in MiB by microbatch size: what check_microbatches decides from them."""
+
+    base_mb, trace_mb, graph_mb = 100.0, 0.0, 0.0
+
+    def __init__(self, peaks):
+        self.peaks, self.ran = peaks, []
+
+    def __call__(self, trainer, batches, kind):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def peak(self, size, microbatch=None):
+        self.ran.append(microbatch)
+        return self.peaks[microbatch]
+
+
+@pytest.mark.parametrize(
+    "peaks, ran, expected",
+    [
+        # One probe grew 500 MiB at microbatches of 100: 5 MiB a sample, conservatively, so the next (200
+        # samples, predicted 1100) is not run against a room of 886, and (886 - 100) / 5 = 157 samples fit.
+        ({100: 600.0, 200: 5000.0}, [100], 157),
+        # Both run (the second predicted at 400) and lie on a line of 1 MiB a sample: whole size (200) fits.
+        ({50: 250.0, 100: 300.0}, [50, 100], 200),
+        # The second probe went past the room (886) but not the budget: the line through both, 15 MiB a sample.
+        ({50: 150.0, 100: 900.0}, [50, 100], 99),
+        # The second probe went past the budget: the pool keeps what it took, so no size is safe.
+        ({50: 150.0, 100: 1200.0}, [50, 100], 0),
+    ],
+)
+def test_microbatches_are_measured_without_a_probe_past_the_room(monkeypatch, peaks, ran, expected):
+    fake = _FakeProbes(peaks)
+    monkeypatch.setattr(plan.probes, "_Probes", fake)
+    synthetic = _synthetic(batch_size=1024, base_mb=100.0, fixed_mb=0.0, pipeline_mb=0.0, least_pipeline_mb=None)
+    synthetic = dataclasses.replace(synthetic, activation_mb_per_sample=0.5)
+    # A budget of 1000 MiB over a base of 100: a margin of 24 + 10% of 900, a room of 886.
+    assert 1000.0 - plan.probes.MEASURED_MARGIN_MB - plan.MARGIN_GROWTH * 900.0 == 886.0
+    size = max(peaks) * 2
+    assert plan.check_microbatches(None, None, synthetic, 1000.0, size, least=False) == expected
+    assert fake.ran == ran
+
+
 def _budget_fit(mode: str, run: str = "fit") -> dict:
     script = os.path.join(os.path.dirname(__file__), "scripts", "budget_fit.py")
     out = subprocess.run([sys.executable, script, mode, run], capture_output=True, text=True, timeout=300)

@@ -315,7 +315,9 @@ def check_microbatches(trainer, batches, plan: MemoryPlan, budget_mb: float, siz
     at the plan's batch size in microbatches of a quarter and a half of `size` (ascending: an allocator that
     keeps a pool, as oneDNN's does, only grows), and the largest size at most `size` whose peak on the line
     through them, plus the pipeline and the plan's margin, stays at or under `budget_mb` is returned (0: none).
-    A probe predicted to exceed the budget is not run."""
+    A probe predicted to exceed the budget is not run; after one probe the prediction is the conservative one
+    (`_floor`: all it grew, per sample). The pool keeps what the probes took, so where a probe's peak with the
+    pipeline went past the budget anyway, no size is safe (0)."""
     pipeline = plan.least_pipeline_mb if least and plan.least_pipeline_mb is not None else plan.pipeline_mb
     margin = MEASURED_MARGIN_MB + MARGIN_GROWTH * max(0.0, budget_mb - plan.base_mb)
     room = budget_mb - pipeline - plan.outputs_mb - margin
@@ -323,15 +325,15 @@ def check_microbatches(trainer, batches, plan: MemoryPlan, budget_mb: float, siz
     with _Probes(trainer, batches, plan.kind) as probes:
         for m in sorted({max(1, size // 4), max(1, size // 2)}):
             if points:
-                intercept, per = _line(points, plan.activation_mb_per_sample)
+                intercept, per = _line(points, _floor(points, probes, plan.activation_mb_per_sample))
                 if intercept + per * m > room:
                     break
             points.append((m, probes.peak(plan.batch_size, microbatch=m)))
             if os.environ.get("SAFETRAIN_PLAN_DEBUG"):
                 print(f"plan debug: microbatches of {m}: peak {points[-1][1]:.1f}, room {room:.1f}")
-    intercept, per = _line(points, plan.activation_mb_per_sample)
+    intercept, per = _line(points, _floor(points, probes, plan.activation_mb_per_sample))
     intercept += probes.graph_mb  # the fit traces its own microbatched step, beside what was measured
-    if intercept + per * points[0][0] > room:
+    if intercept + per * points[0][0] > room or max(p for _, p in points) > room + margin:
         return 0
     return max(1, min(size, int((room - intercept) // per) if per > 0 else size))
 
