@@ -7,7 +7,8 @@ step and without training.
 
 The script runs in this process, unmodified, up to its first `fit` (`keras.Model.fit` or `SafeTrainer.fit`):
 what comes before it (loading data, building and compiling the model) runs as usual. That call is replaced by
-`SafeTrainer.plan_memory` with the same data, batch size and sample weights; the plan's table is printed and
+`SafeTrainer.plan_memory` with the same data, batch size and sample weights (a dataset's or `PyDataset`'s
+batch size read from its first batch where its spec leaves it open); the plan's table is printed and
 the script stops there. No step trains, and memory is that of the script at its `fit`, its data included.
 Patches go in as the script imports Keras and safetrain, so what it sets first (environment variables such as
 `TF_ENABLE_ONEDNN_OPTS`) still applies; like the doctor, this module imports neither itself.
@@ -39,6 +40,25 @@ class _Planned(BaseException):
         self.result = result
 
 
+def _first_batch_size(x) -> int | None:
+    """The size of the first batch a `tf.data.Dataset` or `PyDataset` yields, where its spec leaves the batch
+    dimension open (a last partial batch): `plan_memory` does not iterate a dataset (that would move its
+    shuffling), but here the script stops after the plan."""
+    import keras
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if all(s.shape.rank and s.shape[0] is not None for s in tf.nest.flatten(x.element_spec)):
+            return None  # the spec says it
+        first = next(iter(x))
+    elif isinstance(x, keras.utils.PyDataset):
+        first = x[0]
+    else:
+        return None
+    sizes = [t.shape[0] for t in tf.nest.flatten(first) if len(getattr(t, "shape", ()) or ())]
+    return int(sizes[0]) if sizes else None
+
+
 def _plan_instead(fit, api: str, batch_size: int | None, budget: float | str | None):
     """`fit` replaced by a call that plans it, from where the script called it, and stops the script."""
     signature = inspect.signature(fit)
@@ -54,7 +74,7 @@ def _plan_instead(fit, api: str, batch_size: int | None, budget: float | str | N
         plan = trainer.plan_memory(
             given.get("x"),
             given.get("y"),
-            batch_size=batch_size or given.get("batch_size"),
+            batch_size=batch_size or given.get("batch_size") or _first_batch_size(given.get("x")),
             sample_weight=given.get("sample_weight"),
         )
         raise _Planned(

@@ -67,6 +67,34 @@ def test_safetrainer_fit_with_its_budget_and_another_batch_size(tmp_path):
     assert plan_script(script, [str(tmp_path / "flag")])["plan"].batch_size == 32
 
 
+DATASETS = """\
+import numpy as np
+import keras
+import tensorflow as tf
+
+class Rows(keras.utils.PyDataset):
+    def __len__(self):
+        return 9
+
+    def __getitem__(self, i):
+        return np.ones((40, 32), "float32"), np.ones((40, 1), "float32")
+
+x = np.ones((1000, 32), "float32")
+ds = tf.data.Dataset.from_tensor_slices((x, x[:, :1])).shuffle(100).batch(48)  # a last partial batch
+model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+model.compile(optimizer="adam", loss="mse")
+model.fit(ds if KIND == "dataset" else Rows(), epochs=2, verbose=0)
+"""
+
+
+@pytest.mark.parametrize("kind, batch", [("dataset", 48), ("pydataset", 40)])
+def test_a_dataset_is_planned_at_the_size_of_its_batches(tmp_path, kind, batch):
+    # Its spec leaves the batch dimension open: the size is read from its first batch (the script stops).
+    script = tmp_path / "ds.py"
+    script.write_text(f"KIND = {kind!r}\n" + DATASETS)
+    assert plan_script(str(script))["plan"].batch_size == batch
+
+
 def test_a_script_without_fit_plans_nothing_and_its_own_exit_propagates(tmp_path):
     script, _ = write(tmp_path, "model.predict(x, verbose=0)")
     flag = tmp_path / "flag"
