@@ -118,3 +118,33 @@ def test_the_instrumentation_sees_keras_whatever_is_imported_first(tmp_path):
             1,
         ), (name, counts)
         assert report["diagnosis"]["causes"] == [], (name, report["text"])
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGRTMIN"), reason="the census signal needs real-time signals")
+def test_a_census_the_sampler_asks_for_is_taken_in_the_scripts_thread(tmp_path):
+    # A census from another thread holds a reference (gc.get_objects()) to a tuple the script's thread may be
+    # building, and CPython then fails to grow it (SystemError in tape.gradient, seen in CI): the sampler asks
+    # the script's thread instead, which takes the census between two of its bytecodes.
+    import threading
+    import time
+
+    from safetrain.doctor.recorder import Recorder
+
+    rec = Recorder(str(tmp_path / "record.json"))
+    taken_in = []
+    take = rec.take_census
+    rec.take_census = lambda when: (taken_in.append(threading.current_thread()), take(when))
+    try:
+        rec.census_due = 0.0
+        sampler = threading.Thread(target=rec._request_census)
+        sampler.start()
+        sampler.join()
+        deadline = time.monotonic() + 5
+        while "first" not in rec.census and time.monotonic() < deadline:
+            sum(range(1000))  # bytecodes of the script's thread: the handler runs between two of them
+        assert taken_in == [threading.main_thread()] and "first" in rec.census
+    finally:
+        rec.stop()
+    import signal
+
+    assert signal.getsignal(signal.SIGRTMIN + 3) == signal.SIG_IGN  # a late request is ignored, never fatal

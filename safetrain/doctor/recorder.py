@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import sys
+import signal
 import threading
 import time
 import weakref
@@ -66,8 +66,35 @@ class Recorder:
         self.sites: Sites | None = None  # the script's own frames (set by `child_main`)
         self.predicted: dict[int, weakref.ref] = {}  # the arrays predict returned and that are alive, by id
         self.holders: list[dict] = []
+        self.taking_census = False
+        self.census_signal = self._install_census_signal()
         self.event("start")
         threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
+
+    def _install_census_signal(self) -> int | None:
+        """A real-time signal whose handler takes the due census in the script's thread (None where there is no
+        such signal, or someone else's handler has it). A census must not run in another thread: the list
+        `gc.get_objects()` returns holds a reference to every tracked object, a tuple the script's thread is
+        still building among them, and CPython then fails to grow that tuple (`SystemError: bad argument to
+        internal function`, seen in `tape.gradient` during a trace). A handler runs between two bytecodes of
+        the script's thread, and the census drops every reference before it returns."""
+        if not hasattr(signal, "SIGRTMIN") or threading.current_thread() is not threading.main_thread():
+            return None
+        number = signal.SIGRTMIN + 3
+        if signal.getsignal(number) not in (signal.SIG_DFL, None):
+            return None
+        signal.signal(number, self._on_census_signal)
+        signal.siginterrupt(number, False)  # a system call it interrupts (in TensorFlow's threads too) restarts
+        return number
+
+    def _on_census_signal(self, signum, frame) -> None:
+        self.census_if_due()
+
+    def _request_census(self) -> None:
+        """From the sampler: have the script's thread take the due census at its next bytecode."""
+        number = self.census_signal
+        if number is not None and signal.getsignal(number) == self._on_census_signal and self.main.ident:
+            signal.pthread_kill(self.main.ident, number)
 
     def now(self) -> float:
         return round(time.perf_counter() - self.t0, 4)
@@ -89,7 +116,12 @@ class Recorder:
         self.census_if_due()
 
     def census_if_due(self) -> None:
-        if self.census_due is not None and "first" not in self.census and threading.current_thread() is self.main:
+        if (
+            self.census_due is not None
+            and "first" not in self.census
+            and not self.taking_census
+            and threading.current_thread() is self.main
+        ):
             self.take_census("first")
 
     def _sample(self) -> None:
@@ -102,8 +134,8 @@ class Recorder:
                     del self.samples[::2]
                     every *= 2
             # The first census waits until memory grows after warm-up: a flat script never pays for one. The
-            # script's thread takes it at its next event (a census here would race the script's own work);
-            # a loop with no events gets it from here after CENSUS_WAIT_S.
+            # script's thread takes it at its next event; a loop with no events is asked for it (a signal its
+            # thread handles) after CENSUS_WAIT_S.
             # With no loop recognized long after the first model, trace, fit or predict, growth since then counts.
             base, wait = self.baseline, CENSUS_WAIT_S
             idle = self.api_depth == 0 and self.now() - max(self.activity_t, self.api_exit_t) > NO_LOOP_AFTER_S
@@ -113,7 +145,7 @@ class Recorder:
                 if self.census_due is None:
                     self.census_due = time.perf_counter()
                 if time.perf_counter() - self.census_due >= wait:
-                    self.take_census("first")
+                    self._request_census()
 
     def call_api(self, method, *args, **kwargs):
         """Run one of Keras's loops (fit, evaluate, predict, *_on_batch): the steps, calls and gradients inside it
@@ -155,15 +187,11 @@ class Recorder:
         t0, t = time.perf_counter(), self.now()
         raw_anon = read_memory()[1]
         rss, anon = self.read()  # before: the objects counted are those alive at the start
-        # From the sampler thread, a census that gave the interpreter back every 5 ms would fight a script
-        # calling TensorFlow ops (each hands the GIL over): a minute instead of half a second. One go instead.
-        interval = sys.getswitchinterval()
-        if threading.current_thread() is not self.main:
-            sys.setswitchinterval(2.0)
+        self.taking_census = True
         try:
             stats = census()
         finally:
-            sys.setswitchinterval(interval)
+            self.taking_census = False
         # What the census itself left (freed lists the allocator keeps) is the doctor's, not the script's.
         if when == "first":
             self.own_mb += max(0.0, read_memory()[1] - raw_anon)
@@ -201,6 +229,11 @@ class Recorder:
 
     def stop(self) -> None:
         self._stop.set()
+        number, self.census_signal = self.census_signal, None
+        main = threading.current_thread() is threading.main_thread()
+        if number is not None and main and signal.getsignal(number) == self._on_census_signal:
+            # Ignored, not the default (which ends the process): a request may still be on its way.
+            signal.signal(number, signal.SIG_IGN)
 
     def finish(self) -> None:
         """The script ended (however it ended): the end reading, the last census if memory grew again, the file."""
