@@ -67,6 +67,7 @@ class Recorder:
         self.predicted: dict[int, weakref.ref] = {}  # the arrays predict returned and that are alive, by id
         self.holders: list[dict] = []
         self.taking_census = False
+        self.census_asked_t = float("-inf")
         self.census_signal = self._install_census_signal()
         self.event("start")
         threading.Thread(target=self._sample, name="safetrain-doctor-sampler", daemon=True).start()
@@ -91,9 +92,13 @@ class Recorder:
         self.census_if_due()
 
     def _request_census(self) -> None:
-        """From the sampler: have the script's thread take the due census at its next bytecode."""
-        number = self.census_signal
-        if number is not None and signal.getsignal(number) == self._on_census_signal and self.main.ident:
+        """From the sampler: have the script's thread take the due census at its next bytecode (asked again at
+        most once a second: real-time signals queue while that thread is in a long TensorFlow call)."""
+        number, now = self.census_signal, time.perf_counter()
+        if number is None or now - self.census_asked_t < 1.0 or not self.main.ident:
+            return
+        if signal.getsignal(number) == self._on_census_signal:
+            self.census_asked_t = now
             signal.pthread_kill(self.main.ident, number)
 
     def now(self) -> float:
